@@ -1,0 +1,433 @@
+"""Reading checkpoints safely, finding the encoder/predictor in them, atomic saving, export.
+
+Formats read:
+- ``ijepa``: the official I-JEPA training checkpoint (``encoder``, ``predictor``,
+  ``target_encoder``, ``opt``, ... with DDP ``module.`` prefixes); StoP and this toolkit's
+  pretraining write the same layout.
+- ``model``: ``{"model": state_dict, ...}`` (this toolkit's finetuning, MAE, DeiT) or
+  ``{"state_dict": ...}``.
+- ``state_dict``: a bare encoder state dict.
+- ``safetensors``: this toolkit's exports (``ijepa-export``) or any safetensors encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .models.predictor import IJEPAPredictor, PredictorArch, infer_predictor_arch
+from .models.vit import (
+    POS_EMBED_KINDS,
+    EncoderArch,
+    IJEPAVisionTransformer,
+    create_encoder,
+    infer_encoder_arch,
+    pos_embed_kind_of,
+)
+
+logger = logging.getLogger("ijepa_toolkit")
+
+PathLike = Union[str, os.PathLike]
+SUBMODELS = ("target_encoder", "encoder")
+ENCODER_ANCHOR = "patch_embed.proj.weight"
+PREDICTOR_ANCHOR = "predictor_embed.weight"
+SAFETENSORS_SUFFIXES = (".safetensors", ".st")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class LoadedState:
+    """A state dict found in a checkpoint, with where it came from."""
+
+    path: str
+    format: str
+    which: str
+    state_dict: dict
+    epoch: Optional[int] = None
+    ignored: list = field(default_factory=list)
+
+
+def read_checkpoint(path: PathLike) -> dict:
+    """Load a checkpoint file onto the CPU without executing any pickled code.
+
+    ``.safetensors`` files are read with safetensors; everything else with
+    ``torch.load(weights_only=True)`` (memory-mapped where the file format allows it).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path)
+    try:
+        if zipfile.is_zipfile(path):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(_unpickling_message(path, e)) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: truncated or corrupt checkpoint, cannot be read ({first})"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of state dicts, found {type(obj).__name__}")
+    return obj
+
+
+def _unpickling_message(path: Path, err: Exception) -> str:
+    text = str(err)
+    if "Unsupported global" in text or "GLOBAL" in text or "not an allowed global" in text:
+        detail = next((ln.strip() for ln in text.splitlines() if "global" in ln.lower()), "")
+        return (
+            f"{path}: refused: the file holds pickled Python objects that could run code "
+            f"({detail[:160]}); only tensors and plain containers are loaded (weights_only=True)"
+        )
+    return f"{path}: not a PyTorch checkpoint ({text.splitlines()[-1][:160] if text else 'unreadable'})"
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return {"state_dict": load_file(str(path), device="cpu"), "format": "safetensors"}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(torch.is_tensor(v) for v in obj.values())
+
+
+def detect_format(obj: dict) -> str:
+    """Name the layout of a loaded checkpoint: ``ijepa``, ``model``, ``state_dict``, ``safetensors``."""
+    if obj.get("format") == "safetensors" and is_tensor_dict(obj.get("state_dict")):
+        return "safetensors"
+    if any(is_tensor_dict(obj.get(k)) for k in (*SUBMODELS, "predictor")):
+        return "ijepa"
+    if is_tensor_dict(obj.get("model")) or is_tensor_dict(obj.get("state_dict")):
+        return "model"
+    if is_tensor_dict(obj):
+        return "state_dict"
+    return "unknown"
+
+
+def _strip_to_anchor(state_dict: dict, anchor: str, path: PathLike, what: str) -> tuple[dict, list]:
+    """Keys under the prefix that holds ``anchor`` (e.g. ``module.``), prefix removed."""
+    prefixes = sorted({k[: -len(anchor)] for k in state_dict if k.endswith(anchor)})
+    if not prefixes:
+        raise CheckpointError(f"{path}: no {what} weights found (no key ending in '{anchor}')")
+    if len(prefixes) > 1:
+        raise CheckpointError(
+            f"{path}: several {what}s found under prefixes {prefixes}; keep one in the file"
+        )
+    prefix = prefixes[0]
+    inside = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    outside = [k for k in state_dict if not k.startswith(prefix)]
+    return inside, outside
+
+
+def find_encoder_state(
+    obj: dict, path: PathLike, which: Optional[str] = "target_encoder"
+) -> LoadedState:
+    """The encoder state dict (prefixes stripped) inside a loaded checkpoint.
+
+    ``which`` picks the sub-model of an I-JEPA checkpoint (``target_encoder`` or ``encoder``);
+    other formats hold one encoder and ``which`` is reported as ``model``.
+    """
+    fmt = detect_format(obj)
+    epoch = obj.get("epoch") if isinstance(obj.get("epoch"), int) else None
+    if fmt == "ijepa":
+        which = which or "target_encoder"
+        if which not in SUBMODELS:
+            raise CheckpointError(f"{path}: which={which!r}; expected one of {SUBMODELS}")
+        if not is_tensor_dict(obj.get(which)):
+            present = [k for k in SUBMODELS if is_tensor_dict(obj.get(k))]
+            raise CheckpointError(
+                f"{path}: has no '{which}' weights (sub-models present: {present or 'none'})"
+            )
+        raw = obj[which]
+    elif fmt in ("model", "safetensors"):
+        raw = obj["model"] if is_tensor_dict(obj.get("model")) else obj["state_dict"]
+        which = "model"
+    elif fmt == "state_dict":
+        raw, which = obj, "model"
+    else:
+        keys = ", ".join(list(obj)[:8])
+        raise CheckpointError(f"{path}: no encoder weights found (top-level keys: {keys})")
+    state, outside = _strip_to_anchor(raw, ENCODER_ANCHOR, path, "encoder")
+    head = [k for k in state if k.startswith("head.")]
+    for k in head:
+        del state[k]
+    return LoadedState(str(path), fmt, which, state, epoch, ignored=outside + head)
+
+
+def _check_finite(state_dict: dict, path: PathLike) -> None:
+    for name, t in state_dict.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor '{name}' holds NaN or inf values")
+
+
+def _load_strict(model: torch.nn.Module, state_dict: dict, path: PathLike) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+        ):
+            if keys:
+                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+                parts.append(f"{label}: {', '.join(keys[:5])}{more}")
+        raise CheckpointError(f"{path}: weights do not match the model; " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _arch_or_error(infer, state_dict: dict, num_heads: Optional[int], path: PathLike):
+    try:
+        return infer(state_dict, num_heads)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: incomplete weights, missing key {e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def build_encoder_from_state(
+    loaded: LoadedState, num_heads: Optional[int] = None, pos_embed: str = "auto"
+) -> IJEPAVisionTransformer:
+    """A timm encoder holding exactly the given weights, in eval mode."""
+    state = loaded.state_dict
+    _check_finite(state, loaded.path)
+    arch = _arch_or_error(infer_encoder_arch, state, num_heads, loaded.path)
+    grid = (arch.img_size // arch.patch_size,) * 2
+    if pos_embed == "auto":
+        kind = pos_embed_kind_of(state["pos_embed"], grid)
+    elif pos_embed in POS_EMBED_KINDS:
+        kind = pos_embed
+    else:
+        raise ValueError(f"pos_embed must be 'auto' or one of {POS_EMBED_KINDS}, got {pos_embed!r}")
+    model = create_encoder(arch, pos_embed_kind=kind)
+    _load_strict(model, state, loaded.path)
+    return model.eval()
+
+
+def describe_arch(arch: EncoderArch) -> str:
+    grid = arch.img_size // arch.patch_size
+    return (
+        f"ViT depth={arch.depth} width={arch.embed_dim} heads={arch.num_heads} "
+        f"patch={arch.patch_size} mlp_ratio={arch.mlp_ratio:.4g} grid={grid}x{grid}"
+    )
+
+
+def load_encoder(
+    path: PathLike,
+    which: str = "target_encoder",
+    num_heads: Optional[int] = None,
+    pos_embed: str = "auto",
+) -> IJEPAVisionTransformer:
+    """Load an I-JEPA encoder as a timm ``VisionTransformer`` in eval mode.
+
+    ``which``: ``target_encoder`` (the EMA encoder the I-JEPA paper evaluates; default) or
+    ``encoder`` (the context encoder) for I-JEPA checkpoints; ignored for single-model files.
+    ``num_heads``: needed only for non-standard widths. ``pos_embed``: ``auto`` detects whether the
+    stored table is the fixed sin-cos one; ``sincos``/``learned`` force how it extends to other
+    input sizes. ``model.forward_features(x)`` gives (B, N, D) tokens after the final norm,
+    ``model(x)`` their mean (B, D).
+    """
+    loaded = find_encoder_state(read_checkpoint(path), path, which)
+    model = build_encoder_from_state(loaded, num_heads, pos_embed)
+    ignored = f", ignored {len(loaded.ignored)} other tensors" if loaded.ignored else ""
+    logger.info(
+        "loaded %s from %s: format=%s, %s, pos_embed=%s, epoch=%s%s",
+        loaded.which, path, loaded.format, describe_arch(model.arch), model.pos_embed_kind,
+        loaded.epoch, ignored,
+    )  # fmt: skip
+    return model
+
+
+def find_predictor_state(obj: dict, path: PathLike) -> dict:
+    raw = obj.get("predictor")
+    if not is_tensor_dict(raw):
+        raise CheckpointError(
+            f"{path}: has no 'predictor' weights (format {detect_format(obj)}); "
+            "only I-JEPA training checkpoints carry the predictor"
+        )
+    return _strip_to_anchor(raw, PREDICTOR_ANCHOR, path, "predictor")[0]
+
+
+def load_predictor(path: PathLike, num_heads: Optional[int] = None) -> IJEPAPredictor:
+    """The official predictor of an I-JEPA checkpoint, in eval mode.
+
+    Called as ``predictor(context_tokens, masks_x, masks)``. Heads default to the standard head
+    count of the encoder width (as the official code builds it); pass ``num_heads`` otherwise.
+    """
+    state = find_predictor_state(read_checkpoint(path), path)
+    _check_finite(state, path)
+    arch = _arch_or_error(infer_predictor_arch, state, num_heads, path)
+    model = IJEPAPredictor(arch)
+    _load_strict(model, state, path)
+    logger.info(
+        "loaded predictor from %s: depth=%d width=%d heads=%d grid=%dx%d",
+        path, arch.depth, arch.predictor_embed_dim, arch.num_heads, arch.grid, arch.grid,
+    )  # fmt: skip
+    return model.eval()
+
+
+def save_checkpoint(obj: Any, path: PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Timm model names whose defaults match the official I-JEPA releases.
+TIMM_NAMES = {
+    (1280, 32, 14): "vit_huge_patch14_gap_224",
+    (1280, 32, 16): "vit_huge_patch16_gap_448",
+    (1408, 40, 16): "vit_giant_patch16_gap_224",
+    (768, 12, 16): "vit_base_patch16_gap_224",
+}
+
+
+def timm_spec(arch: EncoderArch) -> dict:
+    """``{"architecture", "kwargs"}`` rebuilding this encoder with plain ``timm.create_model``."""
+    if arch.layernorm_eps != 1e-6:
+        raise ValueError(
+            f"timm's ViT uses LayerNorm eps 1e-6; this encoder has {arch.layernorm_eps}"
+        )
+    name = TIMM_NAMES.get((arch.embed_dim, arch.depth, arch.patch_size), "vit_base_patch16_gap_224")
+    kwargs = dict(
+        img_size=arch.img_size, patch_size=arch.patch_size, in_chans=arch.in_chans,
+        embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads,
+        mlp_ratio=arch.mlp_ratio, qkv_bias=arch.qkv_bias, class_token=False,
+        global_pool="avg", fc_norm=False, num_classes=0,
+    )  # fmt: skip
+    return {"architecture": name, "kwargs": kwargs}
+
+
+def export_encoder(
+    path: PathLike, out: PathLike, which: str = "target_encoder", num_heads: Optional[int] = None
+) -> dict:
+    """Write the chosen encoder as ``out`` (safetensors) and ``out`` with a ``.json`` suffix.
+
+    Returns the JSON spec: ``timm.create_model(spec["architecture"], pretrained=True,
+    pretrained_cfg_overlay=dict(file=out), **spec["kwargs"])`` rebuilds the encoder.
+    """
+    from safetensors.torch import save_file
+
+    model = load_encoder(path, which=which, num_heads=num_heads)
+    spec = timm_spec(model.arch)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"source": str(path), "which": which})
+    os.replace(tmp, out)
+    spec_path = out.with_suffix(".json")
+    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    return spec
+
+
+def inspect_checkpoint(path: PathLike) -> dict:
+    """What a checkpoint holds, read on the CPU: format, sub-models, arch, epoch, pos_embed kind."""
+    obj = read_checkpoint(path)
+    fmt = detect_format(obj)
+    info: dict = {"path": str(path), "format": fmt, "epoch": obj.get("epoch"), "submodels": {}}
+    if fmt == "ijepa":
+        candidates = {k: obj[k] for k in (*SUBMODELS, "predictor") if is_tensor_dict(obj.get(k))}
+        info["other_keys"] = [k for k in obj if k not in candidates]
+    elif fmt in ("model", "safetensors"):
+        key = "model" if is_tensor_dict(obj.get("model")) else "state_dict"
+        candidates = {"model": obj[key]}
+        info["other_keys"] = [k for k in obj if k != key and k != "format"]
+    elif fmt == "state_dict":
+        candidates = {"model": obj}
+    else:
+        raise CheckpointError(f"{path}: no model weights found (top-level keys: {list(obj)[:8]})")
+    for name, sd in candidates.items():
+        entry = {
+            "tensors": len(sd),
+            "params": int(sum(t.numel() for t in sd.values())),
+        }
+        if name == "predictor":
+            arch = _describe_or_none(infer_predictor_arch, find_predictor_state(obj, path))
+            entry["arch"] = arch.to_dict() if isinstance(arch, PredictorArch) else arch
+        elif any(k.endswith(ENCODER_ANCHOR) for k in sd):
+            state = _strip_to_anchor(sd, ENCODER_ANCHOR, path, "encoder")[0]
+            arch = _describe_or_none(infer_encoder_arch, state)
+            if isinstance(arch, EncoderArch):
+                grid = (arch.img_size // arch.patch_size,) * 2
+                entry["arch"] = arch.to_dict()
+                entry["pos_embed"] = pos_embed_kind_of(state["pos_embed"], grid)
+            else:
+                entry["arch"] = arch
+        info["submodels"][name] = entry
+    if not any("arch" in e for e in info["submodels"].values()):
+        raise CheckpointError(f"{path}: no encoder weights found (key '{ENCODER_ANCHOR}' absent)")
+    return info
+
+
+def _describe_or_none(infer, state: dict):
+    """Arch inferred from tensors; ``num_heads`` is None for a non-standard width."""
+    try:
+        return infer(state, None)
+    except KeyError as e:
+        return f"incomplete (missing {e})"
+    except ValueError:
+        pass
+    try:
+        arch = infer(state, 1).to_dict()
+    except (KeyError, ValueError) as e:
+        return f"unrecognised ({e})"
+    arch["num_heads"] = None
+    return arch

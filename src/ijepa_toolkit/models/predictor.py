@@ -1,0 +1,108 @@
+"""The official I-JEPA predictor (same parameter names), built from timm blocks."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Optional
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from .pos_embed import sincos_2d
+from .vit import Masks, apply_masks, heads_for_width
+
+
+@dataclass
+class PredictorArch:
+    """Predictor shape; ``grid`` is the pretraining grid side (patches per row)."""
+
+    grid: int
+    embed_dim: int
+    predictor_embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    layernorm_eps: float = 1e-6
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def repeat_interleave_batch(x: torch.Tensor, batch: int, repeat: int) -> torch.Tensor:
+    """Official helper: (N*B, ...) -> (N*repeat*B, ...), each block of B rows repeated."""
+    chunks = x.split(batch, dim=0)
+    return torch.cat([c for c in chunks for _ in range(repeat)], dim=0)
+
+
+class IJEPAPredictor(nn.Module):
+    """Narrow ViT that predicts target-patch features from context tokens.
+
+    Called as the official ``predictor(x, masks_x, masks)``: ``x`` (len(masks_x)*B, Kc, D) context
+    tokens, ``masks_x`` the context index tensor(s) (B, Kc), ``masks`` the target index tensor(s)
+    (B, Kt). Returns (len(masks)*len(masks_x)*B, Kt, D) predictions, mask-major.
+    """
+
+    def __init__(self, arch: PredictorArch, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.arch = arch
+        dim = arch.predictor_embed_dim
+        norm_layer = partial(nn.LayerNorm, eps=arch.layernorm_eps)
+        self.predictor_embed = nn.Linear(arch.embed_dim, dim, bias=True)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.predictor_pos_embed = nn.Parameter(
+            sincos_2d(dim, (arch.grid, arch.grid)), requires_grad=False
+        )
+        rates = torch.linspace(0, drop_path_rate, arch.depth).tolist()
+        self.predictor_blocks = nn.ModuleList(
+            Block(dim, arch.num_heads, arch.mlp_ratio, qkv_bias=arch.qkv_bias, drop_path=r,
+                  norm_layer=norm_layer)
+            for r in rates
+        )  # fmt: skip
+        self.predictor_norm = norm_layer(dim)
+        self.predictor_proj = nn.Linear(dim, arch.embed_dim, bias=True)
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def forward(self, x: torch.Tensor, masks_x: Masks, masks: Masks) -> torch.Tensor:
+        masks_x = [masks_x] if isinstance(masks_x, torch.Tensor) else list(masks_x)
+        masks = [masks] if isinstance(masks, torch.Tensor) else list(masks)
+        batch = len(x) // len(masks_x)
+
+        x = self.predictor_embed(x)
+        pos = self.predictor_pos_embed.expand(batch, -1, -1)
+        x = x + apply_masks(pos, masks_x)
+        n_context = x.shape[1]
+
+        target_pos = repeat_interleave_batch(apply_masks(pos, masks), batch, len(masks_x))
+        pred_tokens = self.mask_token.to(x.dtype) + target_pos
+        x = torch.cat([x.repeat(len(masks), 1, 1), pred_tokens], dim=1)
+        for blk in self.predictor_blocks:
+            x = blk(x)
+        x = self.predictor_norm(x)
+        return self.predictor_proj(x[:, n_context:])
+
+
+def infer_predictor_arch(state_dict: dict, num_heads: Optional[int] = None) -> PredictorArch:
+    """Read the predictor shape off its tensors. Heads default to the encoder width's table."""
+    dim, embed_dim = state_dict["predictor_embed.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("predictor_blocks."))
+    hidden = state_dict["predictor_blocks.0.mlp.fc1.weight"].shape[0]
+    num_patches = state_dict["predictor_pos_embed"].shape[1]
+    grid = round(num_patches**0.5)
+    if grid * grid != num_patches:
+        raise ValueError(f"predictor_pos_embed has {num_patches} positions, not a square grid")
+    heads = heads_for_width(embed_dim, num_heads, what="encoder (the predictor uses its heads)")
+    if dim % heads:
+        raise ValueError(f"predictor width {dim} is not divisible by num_heads={heads}")
+    return PredictorArch(
+        grid=grid,
+        embed_dim=embed_dim,
+        predictor_embed_dim=dim,
+        depth=depth,
+        num_heads=heads,
+        mlp_ratio=hidden / dim,
+        qkv_bias="predictor_blocks.0.attn.qkv.bias" in state_dict,
+    )

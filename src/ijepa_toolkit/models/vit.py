@@ -1,0 +1,202 @@
+"""I-JEPA encoders as timm VisionTransformers: no class token, average pooling, no fc_norm.
+
+The only behaviour added to timm's class is the position embedding at a grid other than the
+pretraining one: the fixed sin-cos table is recomputed exactly for the new grid, a learned table is
+resampled bicubically (timm's ``resample_abs_pos_embed``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Optional, Sequence, Union
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .pos_embed import is_sincos, sincos_2d
+
+# Width -> heads of the standard ViT sizes (Ti, S, B, L, H, g).
+STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
+POS_EMBED_KINDS = ("sincos", "learned")
+
+Masks = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+@dataclass
+class EncoderArch:
+    """Everything needed to build an I-JEPA encoder; ``img_size`` is the pretraining size."""
+
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    in_chans: int = 3
+    layernorm_eps: float = 1e-6
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def heads_for_width(embed_dim: int, num_heads: Optional[int] = None, what: str = "encoder") -> int:
+    """Number of attention heads: the explicit value, else the standard table; else an error."""
+    heads = num_heads if num_heads is not None else STANDARD_HEADS.get(embed_dim)
+    if heads is None:
+        raise ValueError(
+            f"{what} width {embed_dim} is not a standard ViT width "
+            f"({', '.join(f'{w}:{h}' for w, h in STANDARD_HEADS.items())}); "
+            "pass num_heads explicitly"
+        )
+    if embed_dim % heads:
+        raise ValueError(f"{what} width {embed_dim} is not divisible by num_heads={heads}")
+    return heads
+
+
+def _check_divisible(module: nn.Module, args: tuple) -> None:
+    x = args[0]
+    p_h, p_w = module.patch_size
+    h, w = x.shape[-2:]
+    if h % p_h or w % p_w:
+        raise ValueError(
+            f"input size {h}x{w} is not a multiple of the patch size {p_h}x{p_w}; "
+            f"resize or crop to e.g. {h // p_h * p_h}x{w // p_w * p_w}"
+        )
+
+
+class IJEPAVisionTransformer(VisionTransformer):
+    """timm ViT that runs at any input size that is a multiple of the patch size.
+
+    ``pos_embed_kind`` says how the stored table is extended to other grids: ``"sincos"``
+    recomputes the official formula, ``"learned"`` resamples bicubically. At the pretraining grid
+    the stored table is always used as is.
+    """
+
+    def __init__(self, *args, pos_embed_kind: str = "sincos", **kwargs):
+        super().__init__(*args, **kwargs)
+        if pos_embed_kind not in POS_EMBED_KINDS:
+            raise ValueError(
+                f"pos_embed_kind must be one of {POS_EMBED_KINDS}, got {pos_embed_kind!r}"
+            )
+        self.pos_embed_kind = pos_embed_kind
+        self._sincos_cache: dict = {}
+        self.patch_embed.register_forward_pre_hook(_check_divisible)
+
+    def pos_embed_for_grid(self, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """(1, H*W, D) position embedding for a grid of H rows and W columns of patches."""
+        grid_hw = tuple(grid_hw)
+        if grid_hw == tuple(self.patch_embed.grid_size):
+            return self.pos_embed
+        if self.pos_embed_kind == "learned":
+            return resample_abs_pos_embed(
+                self.pos_embed, new_size=grid_hw, old_size=self.patch_embed.grid_size,
+                num_prefix_tokens=0,
+            )  # fmt: skip
+        key = (grid_hw, self.pos_embed.device, self.pos_embed.dtype)
+        if key not in self._sincos_cache:
+            table = sincos_2d(self.embed_dim, grid_hw)
+            self._sincos_cache[key] = table.to(self.pos_embed.device, self.pos_embed.dtype)
+        return self._sincos_cache[key]
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, D) patch embeddings -> (B, H*W, D) with positions added."""
+        b, h, w, d = x.shape
+        return self.pos_drop(x.reshape(b, h * w, d) + self.pos_embed_for_grid((h, w)))
+
+
+def create_encoder(
+    arch: EncoderArch,
+    pos_embed_kind: str = "sincos",
+    drop_path_rate: float = 0.0,
+    norm_layer: Optional[type] = None,
+) -> IJEPAVisionTransformer:
+    """A fresh encoder; a ``sincos`` one has its table filled with the fixed sin-cos values."""
+    model = IJEPAVisionTransformer(
+        img_size=arch.img_size,
+        patch_size=arch.patch_size,
+        in_chans=arch.in_chans,
+        num_classes=0,
+        global_pool="avg",
+        embed_dim=arch.embed_dim,
+        depth=arch.depth,
+        num_heads=arch.num_heads,
+        mlp_ratio=arch.mlp_ratio,
+        qkv_bias=arch.qkv_bias,
+        class_token=False,
+        fc_norm=False,
+        dynamic_img_size=True,
+        drop_path_rate=drop_path_rate,
+        norm_layer=norm_layer or partial(nn.LayerNorm, eps=arch.layernorm_eps),
+        pos_embed_kind=pos_embed_kind,
+    )
+    if pos_embed_kind == "sincos":
+        with torch.no_grad():
+            model.pos_embed.copy_(sincos_2d(arch.embed_dim, model.patch_embed.grid_size))
+    model.arch = arch
+    return model
+
+
+def infer_encoder_arch(state_dict: dict, num_heads: Optional[int] = None) -> EncoderArch:
+    """Read depth, width, patch size, MLP ratio and pretraining grid off the tensors."""
+    proj = state_dict["patch_embed.proj.weight"]  # (D, C, p, p)
+    embed_dim, in_chans, patch_h, patch_w = proj.shape
+    if patch_h != patch_w:
+        raise ValueError(f"non-square patches {patch_h}x{patch_w} are not supported")
+    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+    hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
+    num_patches = state_dict["pos_embed"].shape[1]
+    grid = round(num_patches**0.5)
+    if grid * grid != num_patches:
+        raise ValueError(f"pos_embed has {num_patches} positions, not a square grid")
+    eps = 1e-6
+    return EncoderArch(
+        img_size=grid * patch_h,
+        patch_size=patch_h,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=heads_for_width(embed_dim, num_heads),
+        mlp_ratio=hidden / embed_dim,
+        qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
+        in_chans=in_chans,
+        layernorm_eps=eps,
+    )
+
+
+def pos_embed_kind_of(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> str:
+    """``"sincos"`` when the stored table is numerically the fixed formula, else ``"learned"``."""
+    return "sincos" if is_sincos(pos_embed, grid_hw) else "learned"
+
+
+def apply_masks(x: torch.Tensor, masks: Masks) -> torch.Tensor:
+    """Keep the indexed tokens: (B, N, D) and (B, K) indices -> (B, K, D).
+
+    A list of M index tensors gives (M*B, K, D), mask-major, as the official ``apply_masks``.
+    """
+    if isinstance(masks, torch.Tensor):
+        masks = [masks]
+    kept = []
+    for m in masks:
+        index = m.to(x.device).unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        kept.append(torch.gather(x, 1, index))
+    return torch.cat(kept, dim=0)
+
+
+def encode_masked(encoder: VisionTransformer, x: torch.Tensor, masks: Masks) -> torch.Tensor:
+    """The official ``encoder(x, masks)``: tokens of the kept patches only, after the final norm.
+
+    ``x``: (B, C, H, W) images; ``masks``: (B, K) patch indices (row-major) or a list of them.
+    Returns (B, K, D), or (M*B, K, D) for M masks.
+    """
+    tokens = encoder._pos_embed(encoder.patch_embed(x))
+    tokens = apply_masks(tokens, masks)
+    if encoder.grad_checkpointing and torch.is_grad_enabled():
+        from timm.models._manipulate import checkpoint_seq
+
+        tokens = checkpoint_seq(encoder.blocks, tokens)
+    else:
+        tokens = encoder.blocks(tokens)
+    return encoder.norm(tokens)

@@ -1,0 +1,1 @@
+"""Datasets, subsets and transforms."""

@@ -1,0 +1,1 @@
+"""Training/evaluation plumbing shared by every entrypoint."""

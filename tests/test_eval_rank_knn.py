@@ -1,0 +1,71 @@
+"""RankMe / LiDAR and weighted kNN against direct computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ijepa_toolkit.eval.knn import knn_scores, topk_accuracy
+from ijepa_toolkit.eval.rank import lidar, rankme
+
+
+def test_rankme_counts_effective_dimensions():
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 16))[0]
+    coords = torch.zeros(200, 16)
+    coords[:, :4] = torch.randn(200, 4)
+    low = coords @ basis.T  # rank 4
+    assert rankme(low) == pytest.approx(4.0, abs=0.3)
+    assert rankme(torch.randn(2000, 16)) > 15.0
+    s = np.linalg.svd(low.double().numpy(), compute_uv=False)
+    p = s / s.sum() + 1e-7
+    assert rankme(low) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-9)
+
+
+def test_lidar_matches_numpy_lda_and_rewards_separable_classes():
+    torch.manual_seed(0)
+    centres = torch.randn(50, 1, 8) * 3
+    views = centres + 0.1 * torch.randn(50, 4, 8)
+    z = views.double().numpy()
+    n, q, d = z.shape
+    mu = z.mean(1)
+    sb = np.cov(mu.T, bias=False)
+    dev = (z - mu[:, None]).reshape(-1, d)
+    sw = dev.T @ dev / (n * (q - 1)) + 1e-4 * np.eye(d)
+    w, v = np.linalg.eigh(sw)
+    inv = v @ np.diag(w**-0.5) @ v.T
+    lam = np.clip(np.linalg.eigvalsh(inv @ sb @ inv), 0, None)
+    p = lam / lam.sum() + 1e-8
+    assert lidar(views) == pytest.approx(math.exp(-(p * np.log(p)).sum()), rel=1e-6)
+    collapsed = centres.expand(-1, 4, -1).clone()
+    collapsed[..., 4:] = 0.1 * torch.randn(50, 4, 4)  # only 4 informative dims
+    assert lidar(collapsed) < lidar(views)
+
+
+def test_knn_matches_brute_force():
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(300, 12)), rng.normal(size=(40, 12))
+    labels = rng.integers(0, 5, size=300)
+    got = knn_scores(torch.tensor(train), torch.tensor(labels), torch.tensor(test), 5,
+                     ks=(1, 10, 20), temperature=0.07, chunk_size=7)  # fmt: skip
+    tn = train / np.linalg.norm(train, axis=1, keepdims=True)
+    sn = test / np.linalg.norm(test, axis=1, keepdims=True)
+    sims = sn @ tn.T
+    for k in (1, 10, 20):
+        order = np.argsort(-sims, axis=1)[:, :k]
+        ref = np.zeros((40, 5))
+        for i in range(40):
+            for j in order[i]:
+                ref[i, labels[j]] += np.exp(sims[i, j] / 0.07)
+        assert (got[k].argmax(1).numpy() == ref.argmax(1)).all()
+        scaled = ref * np.exp(-1 / 0.07)
+        np.testing.assert_allclose(got[k].numpy(), scaled, rtol=1e-4)
+
+
+def test_topk_accuracy():
+    scores = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5]])
+    acc = topk_accuracy(scores, torch.tensor([1, 2, 0]), topk=(1, 2))
+    assert acc[1] == pytest.approx(100 / 3) and acc[2] == pytest.approx(200 / 3)

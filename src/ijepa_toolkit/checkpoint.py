@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -62,8 +63,9 @@ class LoadedState:
 def read_checkpoint(path: PathLike) -> dict:
     """Load a checkpoint file onto the CPU without executing any pickled code.
 
-    ``.safetensors`` files are read with safetensors; everything else with
-    ``torch.load(weights_only=True)`` (memory-mapped where the file format allows it).
+    safetensors files (by suffix or content) are read with safetensors; everything else with
+    ``torch.load(weights_only=True)`` (memory-mapped where the file format allows it). Any file
+    that cannot be used raises :class:`CheckpointError` with a one-line message naming the path.
     """
     path = Path(path)
     if not path.exists():
@@ -72,34 +74,88 @@ def read_checkpoint(path: PathLike) -> dict:
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file, not a checkpoint")
-    if path.suffix in SAFETENSORS_SUFFIXES:
+    kind, head = _sniff(path)
+    if path.suffix in SAFETENSORS_SUFFIXES or kind == "safetensors":
         return _read_safetensors(path)
     try:
-        if zipfile.is_zipfile(path):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(_unpickling_message(path, e)) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: truncated or corrupt checkpoint, cannot be read ({first})"
-        ) from None
+        mmap = kind == "zip" and zipfile.is_zipfile(path)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except MemoryError:
+        raise
+    except Exception as e:  # torch.load raises many types (KeyError on text files, ...)
+        raise CheckpointError(_load_error_message(path, kind, head, e)) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of state dicts, found {type(obj).__name__}")
     return obj
 
 
-def _unpickling_message(path: Path, err: Exception) -> str:
+def _sniff(path: Path) -> tuple[str, bytes]:
+    """``zip`` (torch.save), ``pickle`` (legacy torch.save), ``safetensors`` or ``unknown``."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip", head
+    if head[:1] == b"\x80":  # pickle PROTO opcode: torch.save(_use_new_zipfile_serialization=False)
+        return "pickle", head
+    if len(head) > 8 and head[8:9] == b"{":
+        header_len = int.from_bytes(head[:8], "little")
+        if 8 + header_len <= path.stat().st_size:
+            return "safetensors", head
+    return "unknown", head
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return line.split(". ")[0].rstrip(".")[:limit]
+
+
+def _load_error_message(path: Path, kind: str, head: bytes, err: Exception) -> str:
     text = str(err)
-    if "Unsupported global" in text or "GLOBAL" in text or "not an allowed global" in text:
-        detail = next((ln.strip() for ln in text.splitlines() if "global" in ln.lower()), "")
+    globals_ = re.findall(r"GLOBAL ([\w.]+)", text)
+    if globals_:
+        names = ", ".join(dict.fromkeys(globals_))
         return (
-            f"{path}: refused: the file holds pickled Python objects that could run code "
-            f"({detail[:160]}); only tensors and plain containers are loaded (weights_only=True)"
+            f"{path}: refused: the file holds pickled Python objects ({names}) that could run "
+            "code when loaded; only tensors and plain containers are read (weights_only=True)"
         )
-    return f"{path}: not a PyTorch checkpoint ({text.splitlines()[-1][:160] if text else 'unreadable'})"
+    if kind == "zip" and zipfile.is_zipfile(path) and not _zip_has_pickle(path):
+        return (
+            f"{path}: not a PyTorch checkpoint (a zip archive without the data.pkl of torch.save)"
+        )
+    if kind in ("zip", "pickle"):
+        if isinstance(err, pickle.UnpicklingError) and "truncated" not in text:
+            detail = _unpickling_detail(text)
+            return (
+                f"{path}: refused: pickle data that torch.load(weights_only=True) cannot read "
+                f"safely ({detail}); expected a checkpoint written by torch.save"
+            )
+        detail = _first_sentence(text) or type(err).__name__
+        return f"{path}: truncated or corrupt checkpoint, cannot be read ({detail})"
+    return (
+        f"{path}: not a PyTorch checkpoint or safetensors file "
+        f"(unrecognised content starting with {head[:8]!r})"
+    )
+
+
+def _zip_has_pickle(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("data.pkl") for name in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def _unpickling_detail(text: str) -> str:
+    boilerplate = ("weights only load failed", "please file an issue", "check the documentation")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.lower().startswith(boilerplate) and "(1)" not in ln]
+    detail = useful[0] if useful else (lines[0] if lines else "unreadable")
+    return detail.removeprefix("WeightsUnpickler error:").strip()[:160]
+
+
+def _unpickling_message(path: Path, err: Exception) -> str:
+    """One line for an ``UnpicklingError`` from ``torch.load(weights_only=True)``."""
+    return _load_error_message(path, "pickle", b"", err)
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -117,7 +173,7 @@ def is_tensor_dict(obj: Any) -> bool:
 
 
 def detect_format(obj: dict) -> str:
-    """Name the layout of a loaded checkpoint: ``ijepa``, ``model``, ``state_dict``, ``safetensors``."""
+    """The layout of a loaded checkpoint: ``ijepa``, ``model``, ``state_dict``, ``safetensors``."""
     if obj.get("format") == "safetensors" and is_tensor_dict(obj.get("state_dict")):
         return "safetensors"
     if any(is_tensor_dict(obj.get(k)) for k in (*SUBMODELS, "predictor")):
@@ -133,7 +189,10 @@ def _strip_to_anchor(state_dict: dict, anchor: str, path: PathLike, what: str) -
     """Keys under the prefix that holds ``anchor`` (e.g. ``module.``), prefix removed."""
     prefixes = sorted({k[: -len(anchor)] for k in state_dict if k.endswith(anchor)})
     if not prefixes:
-        raise CheckpointError(f"{path}: no {what} weights found (no key ending in '{anchor}')")
+        keys = ", ".join(list(state_dict)[:6]) + (", ..." if len(state_dict) > 6 else "")
+        raise CheckpointError(
+            f"{path}: no {what} weights found (no key ending in '{anchor}'; keys: {keys})"
+        )
     if len(prefixes) > 1:
         raise CheckpointError(
             f"{path}: several {what}s found under prefixes {prefixes}; keep one in the file"
@@ -152,12 +211,12 @@ def find_encoder_state(
     ``which`` picks the sub-model of an I-JEPA checkpoint (``target_encoder`` or ``encoder``);
     other formats hold one encoder and ``which`` is reported as ``model``.
     """
+    which = which or "target_encoder"
+    if which not in SUBMODELS:
+        raise ValueError(f"which={which!r}; expected one of {SUBMODELS}")
     fmt = detect_format(obj)
-    epoch = obj.get("epoch") if isinstance(obj.get("epoch"), int) else None
+    epoch = _epoch_of(obj)
     if fmt == "ijepa":
-        which = which or "target_encoder"
-        if which not in SUBMODELS:
-            raise CheckpointError(f"{path}: which={which!r}; expected one of {SUBMODELS}")
         if not is_tensor_dict(obj.get(which)):
             present = [k for k in SUBMODELS if is_tensor_dict(obj.get(k))]
             raise CheckpointError(
@@ -177,6 +236,13 @@ def find_encoder_state(
     for k in head:
         del state[k]
     return LoadedState(str(path), fmt, which, state, epoch, ignored=outside + head)
+
+
+def _epoch_of(obj: dict) -> Optional[int]:
+    epoch = obj.get("epoch")
+    if torch.is_tensor(epoch) and epoch.numel() == 1 and not epoch.is_floating_point():
+        epoch = int(epoch)
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
 
 
 def _check_finite(state_dict: dict, path: PathLike) -> None:
@@ -259,6 +325,12 @@ def load_encoder(
     input sizes. ``model.forward_features(x)`` gives (B, N, D) tokens after the final norm,
     ``model(x)`` their mean (B, D).
     """
+    return _load_encoder(path, which, num_heads, pos_embed)[0]
+
+
+def _load_encoder(
+    path: PathLike, which: str, num_heads: Optional[int], pos_embed: str
+) -> tuple[IJEPAVisionTransformer, LoadedState]:
     loaded = find_encoder_state(read_checkpoint(path), path, which)
     model = build_encoder_from_state(loaded, num_heads, pos_embed)
     ignored = f", ignored {len(loaded.ignored)} other tensors" if loaded.ignored else ""
@@ -267,7 +339,7 @@ def load_encoder(
         loaded.which, path, loaded.format, describe_arch(model.arch), model.pos_embed_kind,
         loaded.epoch, ignored,
     )  # fmt: skip
-    return model
+    return model, loaded
 
 
 def find_predictor_state(obj: dict, path: PathLike) -> dict:
@@ -311,12 +383,31 @@ def save_checkpoint(obj: Any, path: PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        _chmod_default(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _chmod_default(path: PathLike) -> None:
+    """Give a temp file (created 0600) the mode a plain ``open`` would give: 0666 & ~umask."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask is process-wide)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -339,8 +430,17 @@ TIMM_NAMES = {
 }
 
 
+# I-JEPA (like MAE, DeiT, ...) normalises images with the ImageNet statistics.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 def timm_spec(arch: EncoderArch) -> dict:
-    """``{"architecture", "kwargs"}`` rebuilding this encoder with plain ``timm.create_model``."""
+    """``{"architecture", "kwargs", "pretrained_cfg_overlay"}`` for plain ``timm.create_model``.
+
+    ``pretrained_cfg_overlay`` (add ``file=...``) makes timm report the right input size and
+    normalisation and load the weights with strict key matching (``num_classes=0``).
+    """
     if arch.layernorm_eps != 1e-6:
         raise ValueError(
             f"timm's ViT uses LayerNorm eps 1e-6; this encoder has {arch.layernorm_eps}"
@@ -352,7 +452,11 @@ def timm_spec(arch: EncoderArch) -> dict:
         mlp_ratio=arch.mlp_ratio, qkv_bias=arch.qkv_bias, class_token=False,
         global_pool="avg", fc_norm=False, num_classes=0,
     )  # fmt: skip
-    return {"architecture": name, "kwargs": kwargs}
+    overlay = dict(
+        input_size=(arch.in_chans, arch.img_size, arch.img_size), mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, num_classes=0,
+    )  # fmt: skip
+    return {"architecture": name, "kwargs": kwargs, "pretrained_cfg_overlay": overlay}
 
 
 def export_encoder(
@@ -361,18 +465,27 @@ def export_encoder(
     """Write the chosen encoder as ``out`` (safetensors) and ``out`` with a ``.json`` suffix.
 
     Returns the JSON spec: ``timm.create_model(spec["architecture"], pretrained=True,
-    pretrained_cfg_overlay=dict(file=out), **spec["kwargs"])`` rebuilds the encoder.
+    pretrained_cfg_overlay=dict(spec["pretrained_cfg_overlay"], file=out), **spec["kwargs"])``
+    rebuilds the encoder (``pretrained_cfg_overlay=dict(file=out)`` alone loads the same weights).
     """
     from safetensors.torch import save_file
 
-    model = load_encoder(path, which=which, num_heads=num_heads)
-    spec = timm_spec(model.arch)
     out = Path(out)
+    if out.suffix == ".json":
+        raise ValueError(f"{out}: the weights file needs a suffix other than .json (the spec's)")
+    model, loaded = _load_encoder(path, which, num_heads, "auto")
+    spec = timm_spec(model.arch)
     out.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"source": str(path), "format": loaded.format, "which": loaded.which}
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"source": str(path), "which": which})
-    os.replace(tmp, out)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _chmod_default(tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     spec_path = out.with_suffix(".json")
     spec_path.write_text(json.dumps(spec, indent=2) + "\n")
     return spec
@@ -382,7 +495,8 @@ def inspect_checkpoint(path: PathLike) -> dict:
     """What a checkpoint holds, read on the CPU: format, sub-models, arch, epoch, pos_embed kind."""
     obj = read_checkpoint(path)
     fmt = detect_format(obj)
-    info: dict = {"path": str(path), "format": fmt, "epoch": obj.get("epoch"), "submodels": {}}
+    info: dict = {"path": str(path), "format": fmt, "epoch": _epoch_of(obj), "submodels": {}}
+    info["other_keys"], info["meta"] = [], {}
     if fmt == "ijepa":
         candidates = {k: obj[k] for k in (*SUBMODELS, "predictor") if is_tensor_dict(obj.get(k))}
         info["other_keys"] = [k for k in obj if k not in candidates]
@@ -405,15 +519,18 @@ def inspect_checkpoint(path: PathLike) -> dict:
         elif any(k.endswith(ENCODER_ANCHOR) for k in sd):
             state = _strip_to_anchor(sd, ENCODER_ANCHOR, path, "encoder")[0]
             arch = _describe_or_none(infer_encoder_arch, state)
-            if isinstance(arch, EncoderArch):
-                grid = (arch.img_size // arch.patch_size,) * 2
-                entry["arch"] = arch.to_dict()
-                entry["pos_embed"] = pos_embed_kind_of(state["pos_embed"], grid)
-            else:
-                entry["arch"] = arch
+            entry["arch"] = arch.to_dict() if isinstance(arch, EncoderArch) else arch
+            if isinstance(entry["arch"], dict):  # also when num_heads is unknown
+                side = entry["arch"]["img_size"] // entry["arch"]["patch_size"]
+                entry["pos_embed"] = pos_embed_kind_of(state["pos_embed"], (side, side))
         info["submodels"][name] = entry
+    scalars = (bool, int, float, str)
+    info["meta"] = {k: obj[k] for k in info["other_keys"] if isinstance(obj[k], scalars)}
     if not any("arch" in e for e in info["submodels"].values()):
-        raise CheckpointError(f"{path}: no encoder weights found (key '{ENCODER_ANCHOR}' absent)")
+        keys = ", ".join(list(obj)[:6]) + (", ..." if len(obj) > 6 else "")
+        raise CheckpointError(
+            f"{path}: no encoder weights found (no key ending in '{ENCODER_ANCHOR}'; keys: {keys})"
+        )
     return info
 
 

@@ -75,7 +75,7 @@ def load_training_state(
     rank: int = 0,
     restore_rng: bool = True,
 ) -> dict:
-    """Restore what ``save_training_state`` wrote; returns the checkpoint dict (epoch, step, ...)."""
+    """Restore what ``save_training_state`` wrote; returns the checkpoint dict (epoch, step)."""
     obj = read_checkpoint(path)
     if "model" not in obj or "epoch" not in obj:
         raise CheckpointError(

@@ -12,7 +12,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from .pos_embed import sincos_2d
-from .vit import Masks, apply_masks, heads_for_width
+from .vit import Masks, apply_masks, count_blocks, heads_for_width
 
 
 @dataclass
@@ -88,7 +88,7 @@ class IJEPAPredictor(nn.Module):
 def infer_predictor_arch(state_dict: dict, num_heads: Optional[int] = None) -> PredictorArch:
     """Read the predictor shape off its tensors. Heads default to the encoder width's table."""
     dim, embed_dim = state_dict["predictor_embed.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("predictor_blocks."))
+    depth = count_blocks(state_dict, "predictor_blocks")
     hidden = state_dict["predictor_blocks.0.mlp.fc1.weight"].shape[0]
     num_patches = state_dict["predictor_pos_embed"].shape[1]
     grid = round(num_patches**0.5)

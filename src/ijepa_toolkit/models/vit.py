@@ -7,6 +7,7 @@ resampled bicubically (timm's ``resample_abs_pos_embed``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Optional, Sequence, Union
@@ -146,7 +147,7 @@ def infer_encoder_arch(state_dict: dict, num_heads: Optional[int] = None) -> Enc
     embed_dim, in_chans, patch_h, patch_w = proj.shape
     if patch_h != patch_w:
         raise ValueError(f"non-square patches {patch_h}x{patch_w} are not supported")
-    depth = 1 + max(int(k.split(".")[1]) for k in state_dict if k.startswith("blocks."))
+    depth = count_blocks(state_dict, "blocks")
     hidden = state_dict["blocks.0.mlp.fc1.weight"].shape[0]
     num_patches = state_dict["pos_embed"].shape[1]
     grid = round(num_patches**0.5)
@@ -164,6 +165,15 @@ def infer_encoder_arch(state_dict: dict, num_heads: Optional[int] = None) -> Enc
         in_chans=in_chans,
         layernorm_eps=eps,
     )
+
+
+def count_blocks(state_dict: dict, prefix: str) -> int:
+    """Number of transformer blocks: 1 + the highest ``{prefix}.{i}.`` index (KeyError if none)."""
+    pattern = re.compile(rf"{re.escape(prefix)}\.(\d+)\.")
+    indices = [int(m.group(1)) for k in state_dict if (m := pattern.match(k))]
+    if not indices:
+        raise KeyError(f"{prefix}.0.*")
+    return 1 + max(indices)
 
 
 def pos_embed_kind_of(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> str:

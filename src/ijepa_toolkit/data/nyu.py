@@ -215,7 +215,7 @@ class NYUFolder(Dataset):
     def __getitem__(self, i: int) -> DepthSample:
         rgb, depth_path, name = self.samples[i]
         with Image.open(rgb) as img:
-            image = np.asarray(img.convert("RGB"))
+            image = np.array(img.convert("RGB"))
         with Image.open(depth_path) as d:
             if d.mode not in ("I;16", "I;16B", "I;16L", "I"):
                 raise DepthDataError(
@@ -280,7 +280,7 @@ class DepthTarShards(Dataset):
             depth_bytes = f.read(d_size)
         name = f"{shard.name}:{key}"
         with Image.open(io.BytesIO(img_bytes)) as img:
-            image = np.asarray(img.convert("RGB"))
+            image = np.array(img.convert("RGB"))
         try:
             depth = np.load(io.BytesIO(depth_bytes), allow_pickle=False)
         except ValueError as e:

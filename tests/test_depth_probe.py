@@ -82,7 +82,7 @@ def test_linear_head_is_exp_of_a_1x1_conv_then_upsampled():
     row = torch.exp(torch.tensor([1.0, 1.25, 1.75, 2.0]))
     torch.testing.assert_close(out[0, 0], torch.stack([row, row]))
     fresh = DepthHead(2, "linear", min_depth=1e-3, max_depth=10.0)
-    assert float(fresh.conv.bias) == pytest.approx(math.log(5.0005))
+    assert float(fresh.conv.bias.detach()) == pytest.approx(math.log(5.0005))
     with pytest.raises(ValueError, match="expected one of"):
         DepthHead(2, "mlp")
 

@@ -188,18 +188,16 @@ def read_split_file(path: PathLike) -> list[tuple[int, str, str]]:
 class NYUFolder(Dataset):
     """RGB images and 16-bit PNG depth maps listed by a BTS-style split file.
 
-    Paths in the file are relative to ``root`` (RGB) and ``depth_root`` (depth; default ``root``);
-    a leading ``/`` is ignored, as in the BTS lists. Every listed file must exist.
+    Paths in the file are relative to ``root``; a leading ``/`` is ignored, as in the BTS lists.
+    Every listed file must exist.
     """
 
-    def __init__(self, split_file: PathLike, root: PathLike, depth_root: Optional[PathLike] = None,
-                 depth_scale: float = 1e-3):  # fmt: skip
+    def __init__(self, split_file: PathLike, root: PathLike, depth_scale: float = 1e-3):
         self.split_file = Path(split_file)
         root = Path(root)
-        depth_root = Path(depth_root) if depth_root else root
         self.samples, missing = [], []
         for n, rgb, depth in read_split_file(self.split_file):
-            pair = (root / rgb.lstrip("/"), depth_root / depth.lstrip("/"))
+            pair = (root / rgb.lstrip("/"), root / depth.lstrip("/"))
             missing += [(n, p) for p in pair if not p.is_file()]
             self.samples.append((*pair, rgb.lstrip("/")))
         if missing:
@@ -291,18 +289,14 @@ class DepthTarShards(Dataset):
 
 
 def build_depth_reader(
-    fmt: str,
-    root: PathLike,
-    split: str,
-    split_spec: str,
-    depth_root: Optional[PathLike] = None,
-    depth_scale: Optional[float] = None,
+    fmt: str, root: PathLike, split: str, split_spec: str, depth_scale: Optional[float] = None
 ) -> Dataset:
     """The reader of ``fmt`` for ``split`` (``train`` / ``test``).
 
     ``split_spec``: ``mat``: ``splits.mat`` (key ``trainNdxs`` / ``testNdxs``) or a text list of
-    1-based indices; ``folder``: the ``rgb depth focal`` list; ``tar``: a glob of shards. Relative
-    paths are taken under ``root`` (for ``mat``: next to the ``.mat`` file).
+    1-based indices; ``folder``: the ``rgb depth focal`` list (RGB and depth paths under
+    ``root``); ``tar``: a glob of shards. A relative ``split_spec`` is taken under ``root`` (for
+    ``mat``: next to the ``.mat`` file).
     ``depth_scale``: metres per stored unit (default: 1 for ``mat``/``tar``, 1e-3 for PNGs).
     """
     if fmt not in FORMATS:
@@ -314,7 +308,7 @@ def build_depth_reader(
     if fmt == "mat":
         return NYULabeledMat(root, read_split_indices(spec, SPLIT_KEYS[split]), scale)
     if fmt == "folder":
-        return NYUFolder(spec, root, depth_root, scale)
+        return NYUFolder(spec, root, depth_scale=scale)
     shards = sorted(glob.glob(str(spec)))
     if not shards:
         raise DepthDataError(f"data.{split}_split: no tar shard matches {spec}")

@@ -49,10 +49,10 @@ class DepthDataSection:
     """Where the data is and how it is fed. Depth is in metres after ``depth_scale``."""
 
     format: str = "folder"  # mat | folder | tar
-    root: str = "data/nyu"  # mat: the labeled .mat file; folder: RGB root; tar: shard folder
-    depth_root: Optional[str] = None  # folder: depth PNG root (default: root)
+    root: str = "data/nyu"  # mat: the labeled .mat file; folder: image root; tar: shard folder
+    test_root: Optional[str] = None  # folder / tar: root of the test split (default: root)
     train_split: str = "nyu_train.txt"  # mat: splits.mat or index list; tar: glob of shards
-    test_split: str = "nyu_test.txt"
+    test_split: str = "nyu_test.txt"  # relative split paths are taken under the split's root
     depth_scale: Optional[float] = None  # metres per stored unit; None: mat/tar 1, PNG 1e-3
     min_depth: float = 1e-3  # valid ground truth: min_depth < gt < max_depth (metres)
     max_depth: float = 10.0
@@ -182,8 +182,9 @@ def protocol_settings(cfg: DepthConfig, probe: DepthProbe, patch_size: int) -> d
         "none": "none",
     }.get(e.crop, e.crop)
     return {
-        "dataset": {"format": d.format, "root": d.root, "train_split": d.train_split,
-                    "test_split": d.test_split, "depth_scale": d.depth_scale},
+        "dataset": {"format": d.format, "root": d.root, "test_root": d.test_root,
+                    "train_split": d.train_split, "test_split": d.test_split,
+                    "depth_scale": d.depth_scale},
         "eval_crop": crop,
         "valid_depth": f"{d.min_depth} < gt < {d.max_depth} m",
         "averaging": "metrics per image over its valid pixels, then mean over images",
@@ -323,12 +324,13 @@ def run(cfg: DepthConfig, resume: bool = False) -> dict:
     except ValueError as e:  # blocks / head / depth range settings
         raise ConfigError(str(e)) from None
     patch = encoder.patch_embed.patch_size[0]
+    test_root = d.root if d.format == "mat" else (d.test_root or d.root)
     train_set = DepthPairs(
-        build_depth_reader(d.format, d.root, "train", d.train_split, d.depth_root, d.depth_scale),
+        build_depth_reader(d.format, d.root, "train", d.train_split, d.depth_scale),
         patch, d.input_scale, d.crop_size, d.flip,
     )  # fmt: skip
     test_set = DepthPairs(
-        build_depth_reader(d.format, d.root, "test", d.test_split, d.depth_root, d.depth_scale),
+        build_depth_reader(d.format, test_root, "test", d.test_split, d.depth_scale),
         patch, d.input_scale,
     )  # fmt: skip
     settings = protocol_settings(cfg, probe, patch)

@@ -101,3 +101,15 @@ def write_synthetic_nyu(
             lines.append(f"{rgb.relative_to(root)} {dep.relative_to(root)} {0.8 * width:.4f}")
         (root / f"nyu_{split}.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write rendered depth scenes (BTS folder layout)")
+    parser.add_argument("root")
+    parser.add_argument("--train", type=int, default=160)
+    parser.add_argument("--test", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(write_synthetic_nyu(args.root, args.train, args.test, seed=args.seed))

@@ -382,11 +382,17 @@ def run(cfg: DepthConfig, resume: bool = False) -> dict:
     shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     logger.info("test (%d images, %d skipped: no valid depth): %s", meter.count,
                 len(meter.skipped), shown)  # fmt: skip
-    results = dict(
-        settings=settings, images=meter.count, skipped_invalid=len(meter.skipped),
-        skipped_names=meter.skipped[:20], train_images=len(train_set), epochs=o.epochs,
-        train_seconds=round(time.time() - start, 1),
-    )  # fmt: skip
+    results = {
+        "checkpoint": cfg.model.checkpoint,
+        "which": cfg.model.which,
+        "settings": settings,
+        "images": meter.count,
+        "skipped_invalid": len(meter.skipped),
+        "skipped_names": meter.skipped[:20],
+        "train_images": len(train_set),
+        "epochs": o.epochs,
+        "train_seconds": round(time.time() - start, 1),
+    }
     write_results(out, "depth", metrics, **results)
     return {"protocol": "depth", "metrics": metrics, **results}
 

@@ -53,7 +53,8 @@ def mean_depth_baseline_rmse(root: Path) -> float:
 
 def test_probe_trains_end_to_end_and_beats_the_mean_depth(scenes, tmp_path):
     out = tmp_path / "run"
-    main(["--fname", CONFIG, f"data.root={scenes}", f"logging.folder={out}"])
+    main(["--fname", CONFIG, f"data.root={scenes}", f"logging.folder={out}",
+          "logging.tensorboard=false"])  # fmt: skip
     res = json.loads((out / "results.json").read_text())
     assert res["protocol"] == "depth"
     assert set(res["metrics"]) == {"d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log",
@@ -79,7 +80,7 @@ def test_probe_trains_end_to_end_and_beats_the_mean_depth(scenes, tmp_path):
 
 def test_resume_after_a_crash_ends_with_the_same_head(scenes, tmp_path, monkeypatch):
     common = ["--fname", CONFIG, f"data.root={scenes}", "probe.head=bins", "eval.flip_tta=true",
-              "optimization.epochs=2", "logging.tensorboard=false",
+              "optimization.epochs=2", "optimization.batch_size=32", "logging.tensorboard=false",
               "eval.visualisations=0"]  # fmt: skip
     main([*common, f"logging.folder={tmp_path / 'straight'}"])
 
@@ -122,3 +123,6 @@ def test_bad_input_is_one_error_line(scenes, tmp_path, capsys):
         main(["--fname", CONFIG, f"data.root={scenes}", "probe.blocks=[0, 1, 2, 9]",
               f"logging.folder={tmp_path / 'r'}"])  # fmt: skip
     assert "probe.blocks=[0, 1, 2, 9]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--fname", CONFIG, "data.crop_size=[40]", f"logging.folder={tmp_path / 'r'}"])
+    assert "error: data.crop_size=[40]: expected [height, width]" in capsys.readouterr().err

@@ -312,11 +312,13 @@ def run(cfg: DepthConfig, resume: bool = False) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("error: depth_eval.py runs in one process; start it with python")
     setup_console_logging()
+    d, o = cfg.data, cfg.optimization
+    if len(d.crop_size) != 2 or min(d.crop_size) < 1:
+        raise ConfigError(f"data.crop_size={d.crop_size}: expected [height, width] in pixels")
     seed_everything(cfg.meta.seed)
     device = resolve_device(cfg.meta.device)
     out = Path(cfg.logging.folder)
     save_config(cfg, out)
-    d, o = cfg.data, cfg.optimization
 
     encoder = build_encoder(cfg.model).to(device)
     try:

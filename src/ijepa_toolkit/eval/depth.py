@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -349,8 +350,6 @@ def run(cfg: DepthConfig, resume: bool = False) -> dict:
     params = list(probe.head.parameters())
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas),
                                   weight_decay=o.weight_decay)  # fmt: skip
-    from timm.scheduler import CosineLRScheduler
-
     iters = len(train_loader)
     warmup = round(o.warmup_epochs * iters)
     scheduler = CosineLRScheduler(optimizer, t_initial=max(o.epochs * iters - warmup, 1),

@@ -1,1 +1,1 @@
-"""Frozen-encoder evaluation protocols."""
+"""Frozen-feature evaluation protocols."""

@@ -104,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     try:
         check_config(cfg)
         return run(cfg, resume=args.resume, eval_ckpt=args.eval)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
@@ -140,7 +140,6 @@ def run(cfg: FinetuneConfig, resume: bool = False, eval_ckpt: Optional[str] = No
 
     model = recipe.build_classifier(cfg, num_classes).to(device)
     amp_dtype = _amp_dtype(cfg, device)
-    run_log = RunLogger(folder, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard)
     if dist.is_main:
         save_config(cfg, folder)
     if eval_ckpt is not None:
@@ -169,6 +168,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, eval_ckpt: Optional[str] = No
     )
     logger.info("parameter groups:\n%s", recipe.group_table(model, optimizer, lr))
 
+    run_log = RunLogger(folder, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard)
     state = TrainState()
     if resume:
         if (folder / LAST).is_file():

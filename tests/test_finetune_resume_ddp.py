@@ -1,4 +1,5 @@
-"""Exact resume after SIGKILL, and 2-process DDP (gloo, CPU) against one process."""
+"""Exact resume after SIGKILL; 2-process DDP (gloo, CPU) and gradient accumulation against one
+process with the same global batch."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from ijepa_toolkit.data.digits import build_digits_imagefolder
 from ijepa_toolkit.engine.logger import read_jsonl
+from ijepa_toolkit.finetune.run import main
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300
@@ -74,7 +76,7 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     assert ra["metrics"] == rb["metrics"]
 
 
-def test_two_process_ddp_matches_one_process_and_counts_every_val_image(tmp_path):
+def test_ddp_and_accumulation_match_one_process_and_every_val_image_counts_once(tmp_path):
     # Same global batch (2 x 8 vs 1 x 16), no random augmentation: the same loss curve.
     extra = ("optimization.epochs=2", "data.augment=false", "mixup.mixup=0", "mixup.cutmix=0",
              "finetune.drop_path=0.0")  # fmt: skip
@@ -85,11 +87,15 @@ def test_two_process_ddp_matches_one_process_and_counts_every_val_image(tmp_path
                 "--standalone")  # fmt: skip
     subprocess.run(command(two, tmp_path / "d", *extra, "data.batch_size=8", launcher=torchrun),
                    env=env(), check=True, timeout=TIMEOUT, capture_output=True)  # fmt: skip
-    rows_one, rows_two = read_jsonl(one / "log.jsonl"), read_jsonl(two / "log.jsonl")
-    loss_one = [r["loss"] for r in rows_one if "loss" in r]
-    loss_two = [r["loss"] for r in rows_two if "loss" in r]
-    assert len(loss_one) == len(loss_two) > 4
-    torch.testing.assert_close(torch.tensor(loss_two), torch.tensor(loss_one), rtol=1e-4, atol=1e-5)
+    accum = tmp_path / "accum"  # 2 accumulated micro-batches of 8: the same steps again
+    main(command(accum, tmp_path / "d", *extra, "data.batch_size=8", "optimization.accum_iter=2",
+                 launcher=())[1:])  # fmt: skip
+    curves = [[r["loss"] for r in read_jsonl(run / "log.jsonl") if "loss" in r]
+              for run in (one, two, accum)]  # fmt: skip
+    assert len(curves[0]) == len(curves[1]) == len(curves[2]) > 4
+    for curve in curves[1:]:
+        torch.testing.assert_close(torch.tensor(curve), torch.tensor(curves[0]), rtol=1e-4,
+                                   atol=1e-5)  # fmt: skip
     res_one = json.loads((one / "results.json").read_text())
     res_two = json.loads((two / "results.json").read_text())
     n_val = sum(1 for _ in (tmp_path / "d" / "val").glob("*/*.png"))

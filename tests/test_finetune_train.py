@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from timm.layers import DropPath
 from torch.utils.data import DataLoader, TensorDataset
@@ -32,13 +33,14 @@ def fixture_config(**finetune) -> FinetuneConfig:
     return cfg
 
 
-def one_step(cfg: FinetuneConfig, model, tmp_path) -> None:
-    """One optimizer step of ``train_one_epoch`` on 4 random images, mixup on."""
+def one_step(cfg: FinetuneConfig, model, tmp_path, images=None) -> None:
+    """One optimizer step of ``train_one_epoch`` on 4 (random) images, mixup on."""
     optimizer = recipe.build_optimizer(
         recipe.param_groups(model, cfg.optimization), cfg.optimization, 1e-3
     )
     scheduler = recipe.build_scheduler(optimizer, cfg.optimization, 1, 1e-3)
-    data = TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1]))
+    images = torch.randn(4, 3, 32, 32) if images is None else images
+    data = TensorDataset(images, torch.tensor([0, 1, 2, 1]))
     opts = StepOptions(
         device=torch.device("cpu"), scaler=torch.amp.GradScaler("cpu", enabled=False),
         mixup=recipe.build_mixup(cfg.mixup, 3), steps_per_epoch=1,
@@ -62,6 +64,15 @@ def test_every_trainable_tensor_changes_after_one_step(tmp_path):
     one_step(cfg, frozen, tmp_path)
     changed = {n for n, p in frozen.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"head.linear.weight", "head.linear.bias"}
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path):
+    cfg = fixture_config()
+    model = recipe.build_classifier(cfg, num_classes=3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(FloatingPointError, match="loss is nan at step 1"):
+        one_step(cfg, model, tmp_path, images=torch.full((4, 3, 32, 32), float("nan")))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_drop_path_is_stochastic_depth_in_the_blocks():

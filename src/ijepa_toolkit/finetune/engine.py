@@ -69,10 +69,11 @@ def train_one_epoch(
     Each batch: (B, C, H, W) images and (B,) labels, mixed by ``opts.mixup`` into (B, K) soft
     targets. The lr is set per optimizer step by ``scheduler.step_update(state.step)``; gradients
     accumulate over ``accum_iter`` micro-batches (DDP syncs only on the last), are unscaled,
-    clipped (or just measured), stepped. Every ``log_freq`` steps a row (loss averaged over the
-    step's micro-batches and the ranks, max group lr, grad norm) goes to ``log.jsonl``; every
-    ``checkpoint_every`` steps ``save()`` is called (on every rank). Returns ``{"loss",
-    "skipped"}``: mean logged loss and unreadable images skipped, summed over ranks.
+    clipped (or just measured), stepped; a non-finite loss stops the run before its step. Every
+    ``log_freq`` steps a row (loss averaged over the step's micro-batches and the ranks, max group
+    lr, grad norm) goes to ``log.jsonl``; every ``checkpoint_every`` steps ``save()`` is called
+    (on every rank). Returns ``{"loss", "skipped"}``: mean step loss and unreadable images
+    skipped, summed over ranks.
     """
     model.train()
     accum, per_batch = opts.accum_iter, loader.batch_size
@@ -108,6 +109,10 @@ def train_one_epoch(
         state.batch += 1
         if not last:
             continue
+        step_loss = _reduce_mean(torch.stack(step_losses).mean())  # the same on every rank
+        step_losses.clear()
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss is {step_loss} at step {state.step + 1}; stopping")
         scaler.unscale_(optimizer)
         max_norm = opts.clip_grad if opts.clip_grad is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -117,10 +122,6 @@ def train_one_epoch(
         state.step += 1
         if opts.ema is not None:
             opts.ema.update(unwrap(model), step=state.step)
-        step_loss = _reduce_mean(torch.stack(step_losses).mean())
-        step_losses.clear()
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {state.step}; stopping")
         losses.append(step_loss)
         if state.step % opts.log_freq == 0:
             lr = max(g["lr"] for g in optimizer.param_groups)

@@ -4,6 +4,7 @@ concat4 head, rank shards."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,9 @@ from ijepa_toolkit.models.heads import EncoderClassifier
 from ijepa_toolkit.models.vit import EncoderArch, create_encoder
 
 DEPTH, DECAY = 3, 0.6
-FIXTURE = "tests/fixtures/ijepa_vit_p8_d64.pth.tar"
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = str(REPO / "tests/fixtures/ijepa_vit_p8_d64.pth.tar")
+TINY = str(REPO / "configs/finetune/tiny_cpu.yaml")
 
 
 def tiny_classifier(pool="avg"):
@@ -105,7 +108,7 @@ def test_mixup_cutmix_targets_have_the_dataset_class_count(mixup, cutmix):
 
 def test_odd_batch_with_mixing_is_refused_up_front(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["--fname", "configs/finetune/tiny_cpu.yaml", "data.batch_size=15", "mixup.mixup=0.8"])
+        main(["--fname", TINY, "data.batch_size=15", "mixup.mixup=0.8"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.batch_size=15 is odd" in err[0] and "Mixup" in err[0]
@@ -154,7 +157,7 @@ def test_shipped_configs_parse_and_pass_checks(name):
     from ijepa_toolkit.config import load_config
     from ijepa_toolkit.finetune.run import check_config
 
-    cfg = load_config(FinetuneConfig, f"configs/finetune/{name}.yaml")
+    cfg = load_config(FinetuneConfig, REPO / f"configs/finetune/{name}.yaml")
     check_config(cfg)
     effective = (
         cfg.data.batch_size * cfg.optimization.accum_iter * (1 if name == "tiny_cpu" else 64)

@@ -4,6 +4,7 @@ checkpointing recomputes, and a digits run beats its untrained start (with a cor
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,9 @@ from ijepa_toolkit.finetune.config import FinetuneConfig
 from ijepa_toolkit.finetune.engine import StepOptions, TrainState, evaluate, train_one_epoch
 from ijepa_toolkit.finetune.run import main
 
-FIXTURE = "tests/fixtures/ijepa_vit_p8_d64.pth.tar"
+REPO = Path(__file__).resolve().parents[1]
+FIXTURE = str(REPO / "tests/fixtures/ijepa_vit_p8_d64.pth.tar")
+TINY = str(REPO / "configs/finetune/tiny_cpu.yaml")
 
 
 def fixture_config(**finetune) -> FinetuneConfig:
@@ -112,6 +115,7 @@ def test_finetune_digits_beats_untrained_start_and_skips_corrupt_images(tmp_path
     out = tmp_path / "run"
     overrides = [
         f"data.train_root={train}", f"data.val_root={val}", "data.digits_root=null",
+        f"model.checkpoint={FIXTURE}",
         "data.augment=false", "mixup.mixup=0", "mixup.cutmix=0", "optimization.epochs=4",
         "optimization.lr=0.002", "optimization.warmup_epochs=0.5", "finetune.drop_path=0.0",
         f"logging.folder={out}", "logging.log_freq=1",
@@ -125,7 +129,7 @@ def test_finetune_digits_beats_untrained_start_and_skips_corrupt_images(tmp_path
                         collate_fn=collate_skip_none)  # fmt: skip
     with caplog.at_level("WARNING", logger="ijepa_toolkit"):
         untrained = evaluate(start, loader, torch.device("cpu"))["acc1"]
-        final = main(["--fname", "configs/finetune/tiny_cpu.yaml", *overrides])
+        final = main(["--fname", TINY, *overrides])
     print(f"digits finetune: untrained acc@1 {untrained:.1f} -> {final['acc1']:.1f}")
     assert final["acc1"] >= untrained + 15.0, (untrained, final)
     assert "zz_corrupt.png" in caplog.text
@@ -143,5 +147,5 @@ def test_finetune_digits_beats_untrained_start_and_skips_corrupt_images(tmp_path
     assert {"config.yaml", "checkpoint-last.pth", "checkpoint-best.pth", "tensorboard"} <= {
         p.name for p in out.iterdir()
     }
-    again = main(["--fname", "configs/finetune/tiny_cpu.yaml", *overrides, "--eval"])
+    again = main(["--fname", TINY, *overrides, "--eval"])
     assert again["acc1"] == results["best_top1"]

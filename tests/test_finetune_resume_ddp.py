@@ -47,7 +47,8 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     extra = (
         "optimization.epochs=2", "data.batch_size=8", "finetune.checkpoint_every=2",
         "data.auto_augment=rand-m9-mstd0.5-inc1", "data.reprob=0.25", "mixup.mixup=0.8",
-        "mixup.cutmix=1.0", "finetune.drop_path=0.1",
+        "mixup.cutmix=1.0", "finetune.drop_path=0.1", "finetune.model_ema=true",
+        "finetune.model_ema_decay=0.9",
     )  # fmt: skip
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(command(straight, tmp_path / "d", *extra), env=env(), check=True,
@@ -69,6 +70,8 @@ def test_sigkilled_run_resumes_to_the_same_weights(tmp_path):
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, total)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["model_ema"][k], b["model_ema"][k]), k
+    assert not torch.equal(a["model_ema"]["head.linear.weight"], a["model"]["head.linear.weight"])
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(pa["exp_avg"], pb["exp_avg"])
     ra = json.loads((straight / "results.json").read_text())

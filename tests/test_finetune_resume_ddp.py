@@ -27,15 +27,19 @@ def env() -> dict:
     return e
 
 
-def command(out: Path, data: Path, *extra: str, launcher=(sys.executable,)) -> list:
+def run_args(out: Path, data: Path, *extra: str) -> list:
+    """``main_finetuning.py`` arguments: the tiny config on 100 digits, logging every step."""
     train, val = build_digits_imagefolder(data, size=32, per_class=10)
     return [
-        *launcher, str(REPO / "main_finetuning.py"), "--fname",
-        str(REPO / "configs/finetune/tiny_cpu.yaml"), f"data.train_root={train}",
+        "--fname", str(REPO / "configs/finetune/tiny_cpu.yaml"), f"data.train_root={train}",
         f"data.val_root={val}", "data.digits_root=null", f"logging.folder={out}",
         "logging.log_freq=1", "logging.tensorboard=false", f"model.checkpoint={REPO}/"
         "tests/fixtures/ijepa_vit_p8_d64.pth.tar", *extra,
     ]  # fmt: skip
+
+
+def command(out: Path, data: Path, *extra: str) -> list:
+    return [sys.executable, str(REPO / "main_finetuning.py"), *run_args(out, data, *extra)]
 
 
 def final_state(out: Path) -> dict:
@@ -86,13 +90,13 @@ def test_ddp_and_accumulation_match_one_process_and_every_val_image_counts_once(
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run(command(one, tmp_path / "d", *extra, "data.batch_size=16"), env=env(),
                    check=True, timeout=TIMEOUT, capture_output=True)  # fmt: skip
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--standalone")  # fmt: skip
-    subprocess.run(command(two, tmp_path / "d", *extra, "data.batch_size=8", launcher=torchrun),
-                   env=env(), check=True, timeout=TIMEOUT, capture_output=True)  # fmt: skip
+    # finetune.sh CONFIG NPROC [overrides]: torchrun, 2 processes, gloo
+    args = run_args(two, tmp_path / "d", *extra, "data.batch_size=8")
+    subprocess.run([str(REPO / "finetune.sh"), args[1], "2", *args[2:]],
+                   env=dict(env(), PYTHON=sys.executable), check=True, timeout=TIMEOUT,
+                   capture_output=True)  # fmt: skip
     accum = tmp_path / "accum"  # 2 accumulated micro-batches of 8: the same steps again
-    main(command(accum, tmp_path / "d", *extra, "data.batch_size=8", "optimization.accum_iter=2",
-                 launcher=())[1:])  # fmt: skip
+    main(run_args(accum, tmp_path / "d", *extra, "data.batch_size=8", "optimization.accum_iter=2"))
     curves = [[r["loss"] for r in read_jsonl(run / "log.jsonl") if "loss" in r]
               for run in (one, two, accum)]  # fmt: skip
     assert len(curves[0]) == len(curves[1]) == len(curves[2]) > 4

@@ -163,3 +163,15 @@ def test_shipped_configs_parse_and_pass_checks(name):
         cfg.data.batch_size * cfg.optimization.accum_iter * (1 if name == "tiny_cpu" else 64)
     )
     assert name == "tiny_cpu" or effective == 1024  # MAE's ViT-H batch on 8 nodes x 8 GPUs
+
+
+def test_randaugment_posterize_at_magnitude_10_gives_black_not_an_error():
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+
+    recipe.train_transform(FinetuneConfig().data)  # installs the 0-bit-safe posterize
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    out = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)(img)
+    assert out.size == img.size and out.getextrema() == ((0, 0), (0, 0), (0, 0))
+    kept = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(img)  # 2 bits kept
+    assert kept.getpixel((0, 0)) == (192, 64, 0)

@@ -4,7 +4,6 @@ layer-wise lr decay groups, AdamW, per-iteration warmup + cosine, the classifier
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
@@ -18,8 +17,6 @@ from ..build import build_encoder
 from ..data.transforms import eval_transform
 from ..models.heads import EncoderClassifier
 from .config import DataSection, FinetuneConfig, MixupSection, OptimizationSection
-
-logger = logging.getLogger("ijepa_toolkit")
 
 
 def train_transform(data: DataSection):

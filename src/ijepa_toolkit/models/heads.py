@@ -65,3 +65,15 @@ class EncoderClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, num_classes) logits."""
         return self.head(pooled_features(self.encoder, x, self.pool))
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for timm's layer-wise lr decay, with MAE's ``param_groups_lrd`` rule.
+
+        Embeddings are layer 0, ``blocks.i`` layer ``i + 1``; the final norm and the head fall
+        through to the last group (scale 1.0). timm's ViT matcher would put the final norm with
+        the last block instead.
+        """
+        return dict(
+            stem=r"^encoder\.(?:cls_token|reg_token|pos_embed|patch_embed|norm_pre)",
+            blocks=r"^encoder\.blocks\.(\d+)",
+        )

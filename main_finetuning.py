@@ -1,0 +1,12 @@
+"""MAE-recipe finetuning of an I-JEPA encoder.
+
+    python main_finetuning.py --fname configs/finetune/tiny_cpu.yaml [--resume] [--eval [CKPT]] \
+        [section.key=value ...]
+
+Under ``torchrun`` (see ``finetune.sh``) every process joins the group from the environment.
+"""
+
+from ijepa_toolkit.finetune.run import main
+
+if __name__ == "__main__":
+    main()

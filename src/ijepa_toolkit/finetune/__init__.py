@@ -1,0 +1,1 @@
+"""MAE-recipe finetuning: config, recipe (timm pieces), engine (train/evaluate), run."""

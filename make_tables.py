@@ -1,0 +1,13 @@
+"""Paper tables: ``python make_tables.py --fname configs/tables/X.yaml [--collect] [--dry-run]``.
+
+Runs the rows of the table whose run folder has no ``results.json`` (``--collect``: runs nothing),
+then prints and writes ``<table>.md`` and ``<table>.csv``: ours, the paper's value, the difference.
+``--dry-run`` prints exactly the commands it would run.
+"""
+
+import sys
+
+from ijepa_toolkit.tables import main
+
+if __name__ == "__main__":
+    sys.exit(main())

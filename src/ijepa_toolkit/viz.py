@@ -1,0 +1,267 @@
+"""Pictures of what an encoder computes: PCA of patch features, per-patch prediction loss.
+
+``visualize.py pca``: the patch tokens of each image (``encoder.forward_features``) projected on
+their 3 principal components (fitted over all images' patches together) and shown as RGB next to
+the image. ``visualize.py losses``: the I-JEPA prediction loss of every patch, averaged over many
+random maskings (one target block, the rest as context), as a heat map next to the image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .build import build_encoder
+from .checkpoint import CheckpointError, load_encoder, load_predictor
+from .config import (
+    ConfigError,
+    EncoderSection,
+    LoggingSection,
+    MetaSection,
+    config_parser,
+    parse_config,
+)
+from .data.folder import SafeImageFolder
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from .engine.distributed import resolve_device
+from .engine.logger import setup_console_logging
+from .eval.depth import colourise
+from .models.vit import apply_masks, encode_masked
+
+logger = logging.getLogger("ijepa_toolkit")
+GAP = 2  # white pixels between panels
+MIN_PANEL = 128  # panels smaller than this are upscaled (nearest) by an integer factor
+
+
+@dataclasses.dataclass
+class VizDataSection:
+    folder: str = "runs/data/digits/val"  # ImageFolder root; ``count`` images evenly spaced
+    img_size: int = 224
+    crop_ratio: float = 0.875  # eval transform: resize to img_size / crop_ratio, center crop
+    count: int = 8
+
+
+@dataclasses.dataclass
+class LossesSection:
+    maskings: int = 64  # random maskings per image
+    target_scale: list[float] = dataclasses.field(default_factory=lambda: [0.15, 0.2])
+    aspect_ratio: list[float] = dataclasses.field(default_factory=lambda: [0.75, 1.5])
+
+
+@dataclasses.dataclass
+class VizConfig:
+    meta: MetaSection = dataclasses.field(default_factory=MetaSection)
+    model: EncoderSection = dataclasses.field(default_factory=EncoderSection)
+    data: VizDataSection = dataclasses.field(default_factory=VizDataSection)
+    losses: LossesSection = dataclasses.field(default_factory=LossesSection)
+    logging: LoggingSection = dataclasses.field(
+        default_factory=lambda: LoggingSection(folder="runs/visualize")
+    )
+
+
+def load_images(data: VizDataSection) -> torch.Tensor:
+    """(B, 3, S, S) normalised images: ``count`` of the folder, evenly spaced over its classes."""
+    ds = SafeImageFolder(data.folder, transform=eval_transform(data.img_size, data.crop_ratio))
+    picks = np.unique(np.linspace(0, len(ds) - 1, max(data.count, 1)).round().astype(int))
+    items = [ds[int(i)] for i in picks]
+    images = [item[0] for item in items if item is not None]
+    if not images:
+        raise FileNotFoundError(f"{data.folder}: no readable image among the {len(picks)} picked")
+    return torch.stack(images)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, S, S) ImageNet-normalised -> (B, S, S, 3) uint8, what the model saw."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    rgb = (images.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
+    return (rgb.numpy() * 255).round().astype(np.uint8)
+
+
+def pca_rgb(tokens: np.ndarray) -> np.ndarray:
+    """(M, D) features -> (M, 3) uint8: the first 3 principal components as R, G, B.
+
+    Each component is min-max scaled between its 1st and 99th percentile over the M rows.
+    """
+    from sklearn.decomposition import PCA
+
+    if tokens.shape[0] < 3 or tokens.shape[1] < 3:
+        raise ValueError(f"PCA to 3 components needs >= 3 tokens of >= 3 dims, got {tokens.shape}")
+    proj = PCA(n_components=3, svd_solver="full").fit_transform(tokens.astype(np.float64))
+    lo, hi = np.percentile(proj, 1, axis=0), np.percentile(proj, 99, axis=0)
+    scaled = np.clip((proj - lo) / np.maximum(hi - lo, 1e-12), 0, 1)
+    return (scaled * 255).round().astype(np.uint8)
+
+
+def upscale(img: np.ndarray, size: int) -> np.ndarray:
+    """(h, w, 3) uint8 -> (size, size, 3), nearest neighbour: one patch is one flat square."""
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.NEAREST))
+
+
+def panel_size(img_size: int) -> int:
+    """Side of each square panel: the image size times the smallest factor reaching 128 px."""
+    return img_size * max(1, math.ceil(MIN_PANEL / img_size))
+
+
+def compose(rows: Sequence[Sequence[np.ndarray]]) -> Image.Image:
+    """Rows of equal (P, P, 3) panels, ``GAP`` white pixels between them."""
+    p = rows[0][0].shape[0]
+    cols = max(len(r) for r in rows)
+    out = np.full((len(rows) * (p + GAP) - GAP, cols * (p + GAP) - GAP, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, panel in enumerate(row):
+            out[i * (p + GAP) : i * (p + GAP) + p, j * (p + GAP) : j * (p + GAP) + p] = panel
+    return Image.fromarray(out)
+
+
+def grid_of(encoder: torch.nn.Module, img_size: int) -> tuple[int, int]:
+    patch = encoder.patch_embed.patch_size
+    return img_size // patch[0], img_size // patch[1]
+
+
+@torch.no_grad()
+def pca_panels(encoder: torch.nn.Module, images: torch.Tensor) -> list[list[np.ndarray]]:
+    """Per image: [image, PCA of its patch tokens], both (P, P, 3) uint8."""
+    h, w = grid_of(encoder, images.shape[-1])
+    tokens = encoder.forward_features(images)[:, encoder.num_prefix_tokens :]  # (B, N, D)
+    b, n, d = tokens.shape
+    colours = pca_rgb(tokens.reshape(b * n, d).float().cpu().numpy()).reshape(b, h, w, 3)
+    size = panel_size(images.shape[-1])
+    return [[upscale(img, size), upscale(c, size)] for img, c in zip(to_uint8(images), colours)]
+
+
+def sample_block(
+    grid: tuple[int, int], scale: Sequence[float], aspect: Sequence[float], g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random target block (``scale`` of the patches, ``aspect`` h/w) and the other patches.
+
+    Returns (Kt,) target and (Kc,) context indices, row-major, both non-empty.
+    """
+    h, w = grid
+    if h * w < 2:
+        raise ValueError(f"a {h}x{w} patch grid has no room for both a target and a context")
+    u = torch.rand(2, generator=g).tolist()
+    area = (scale[0] + u[0] * (scale[1] - scale[0])) * h * w
+    ar = aspect[0] + u[1] * (aspect[1] - aspect[0])
+    bh = min(max(round(math.sqrt(area * ar)), 1), h)
+    bw = min(max(round(math.sqrt(area / ar)), 1), w if bh < h else w - 1)
+    top = int(torch.randint(0, h - bh + 1, (1,), generator=g))
+    left = int(torch.randint(0, w - bw + 1, (1,), generator=g))
+    inside = torch.zeros(h, w, dtype=torch.bool)
+    inside[top : top + bh, left : left + bw] = True
+    flat = inside.flatten()
+    return flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
+
+
+@torch.no_grad()
+def patch_losses(
+    context_encoder: torch.nn.Module,
+    target_encoder: torch.nn.Module,
+    predictor: torch.nn.Module,
+    images: torch.Tensor,
+    cfg: LossesSection,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean I-JEPA loss of each patch over ``cfg.maskings`` random maskings.
+
+    Targets are the layer-normalised target-encoder tokens and the loss the official smooth L1,
+    averaged over the feature dimension. Returns (B, h, w) mean losses (NaN where a patch was never
+    a target) and (h, w) counts of maskings that targeted each patch.
+    """
+    grid = grid_of(target_encoder, images.shape[-1])
+    b = images.shape[0]
+    h = target_encoder.forward_features(images)[:, target_encoder.num_prefix_tokens :]
+    h = F.layer_norm(h, (h.shape[-1],))
+    sums = torch.zeros(b, grid[0] * grid[1])
+    counts = torch.zeros(grid[0] * grid[1])
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(cfg.maskings):
+        tgt, ctx = sample_block(grid, cfg.target_scale, cfg.aspect_ratio, g)
+        tgt_b, ctx_b = tgt.expand(b, -1), ctx.expand(b, -1)
+        z = encode_masked(context_encoder, images, ctx_b)
+        pred = predictor(z, ctx_b, tgt_b)  # (B, Kt, D)
+        loss = F.smooth_l1_loss(pred, apply_masks(h, tgt_b), reduction="none").mean(-1)
+        sums[:, tgt] += loss.float().cpu()
+        counts[tgt] += 1
+    mean = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, math.nan))
+    return mean.view(b, *grid), counts.view(*grid)
+
+
+def loss_panels(losses: torch.Tensor, images: torch.Tensor) -> list[list[np.ndarray]]:
+    """Per image: [image, heat map of its patch losses] (viridis, own min..max; unseen black)."""
+    size = panel_size(images.shape[-1])
+    rows = []
+    for img, loss in zip(to_uint8(images), losses.numpy()):
+        valid = np.isfinite(loss)
+        lo, hi = (float(loss[valid].min()), float(loss[valid].max())) if valid.any() else (0, 1)
+        heat = colourise(np.nan_to_num(loss), lo, hi, valid)
+        rows.append([upscale(img, size), upscale(heat, size)])
+    return rows
+
+
+def _setup(argv: Optional[Sequence[str]], what: str) -> tuple[VizConfig, torch.device, Path]:
+    cfg, _ = parse_config(VizConfig, config_parser(what), argv)
+    setup_console_logging()
+    out = Path(cfg.logging.folder)
+    out.mkdir(parents=True, exist_ok=True)
+    return cfg, resolve_device(cfg.meta.device), out
+
+
+def pca(argv: Optional[Sequence[str]] = None) -> Path:
+    """``visualize.py pca``: writes ``<logging.folder>/pca.png``; returns its path."""
+    cfg, device, out = _setup(argv, "PCA of patch features (3 components as RGB) next to images")
+    encoder = build_encoder(cfg.model).to(device)
+    images = load_images(cfg.data).to(device)
+    path = out / "pca.png"
+    compose(pca_panels(encoder, images)).save(path)
+    h, w = grid_of(encoder, cfg.data.img_size)
+    print(f"{path}: {len(images)} images | PCA of {h}x{w} patch tokens (fitted jointly)")
+    return path
+
+
+def losses(argv: Optional[Sequence[str]] = None) -> Path:
+    """``visualize.py losses``: writes ``<logging.folder>/losses.png``; returns its path."""
+    cfg, device, out = _setup(argv, "Per-patch I-JEPA prediction loss over random maskings")
+    m = cfg.model
+    if not m.checkpoint:
+        raise ConfigError("losses needs model.checkpoint: an I-JEPA checkpoint with a predictor")
+    ctx_enc = load_encoder(m.checkpoint, which="encoder", num_heads=m.num_heads).to(device)
+    tgt_enc = load_encoder(m.checkpoint, which="target_encoder", num_heads=m.num_heads).to(device)
+    predictor = load_predictor(m.checkpoint, num_heads=m.num_heads).to(device)
+    images = load_images(cfg.data).to(device)
+    mean, counts = patch_losses(ctx_enc, tgt_enc, predictor, images, cfg.losses, cfg.meta.seed)
+    path = out / "losses.png"
+    compose(loss_panels(mean, images)).save(path)
+    per_image = ", ".join(f"{v:.4f}" for v in torch.nanmean(mean.flatten(1), 1).tolist())
+    print(
+        f"{path}: {len(images)} images x {cfg.losses.maskings} maskings; each patch a target "
+        f"{int(counts.min())}-{int(counts.max())} times; mean loss per image: {per_image}"
+    )
+    return path
+
+
+COMMANDS = {"pca": pca, "losses": losses}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``visualize.py {pca,losses} [--fname cfg.yaml] [key=value ...]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: visualize.py {{{','.join(COMMANDS)}}} [--fname CFG] [key=value ...]",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,108 @@
+"""visualize.py pca / losses: PNG sizes, panels that are the input images, non-blank patch maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ijepa_toolkit import load_predictor
+from ijepa_toolkit.data.digits import build_digits_imagefolder
+from ijepa_toolkit.viz import (
+    GAP,
+    LossesSection,
+    VizDataSection,
+    load_images,
+    main,
+    patch_losses,
+    pca_rgb,
+    to_uint8,
+)
+
+PANEL = 128  # 32 px images upscaled x4
+PATCH = 32  # one 8 px patch of a 32 px image, upscaled x4
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    train, _ = build_digits_imagefolder(tmp_path_factory.mktemp("digits"), size=32, per_class=4)
+    return train
+
+
+def _args(ckpt_path, digits, out, count):
+    return [f"model.checkpoint={ckpt_path}", "model.num_heads=4", f"data.folder={digits}",
+            "data.img_size=32", "data.crop_ratio=1.0", f"data.count={count}",
+            f"logging.folder={out}", "meta.device=cpu"]  # fmt: skip
+
+
+def _panels(png, rows):
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert img.shape == (rows * PANEL + (rows - 1) * GAP, 2 * PANEL + GAP, 3)
+    step = PANEL + GAP
+    rows_ = [img[r * step : r * step + PANEL] for r in range(rows)]
+    return [(row[:, :PANEL], row[:, step : step + PANEL]) for row in rows_]
+
+
+def _patch_constant(panel):
+    blocks = panel.reshape(4, PATCH, 4, PATCH, 3)
+    return bool((blocks == blocks[:, :1, :, :1]).all())
+
+
+def _shows_the_inputs(panels, digits, count):
+    images = load_images(VizDataSection(folder=str(digits), img_size=32, crop_ratio=1.0,
+                                        count=count))  # fmt: skip
+    for (left, _), img in zip(panels, to_uint8(images)):
+        assert np.array_equal(left[::4, ::4], img)
+
+
+def test_pca_png(ckpt_path, digits, tmp_path):
+    assert main(["pca", *_args(ckpt_path, digits, tmp_path, 3)]) == 0
+    panels = _panels(tmp_path / "pca.png", 3)
+    _shows_the_inputs(panels, digits, 3)
+    colours = np.concatenate([right.reshape(-1, 3) for _, right in panels])
+    assert len(np.unique(colours, axis=0)) >= 8 and colours.std() > 20  # not blank
+    assert all(_patch_constant(right) for _, right in panels)  # one colour per patch token
+
+
+def test_pca_rgb_channels_follow_the_principal_components():
+    g = np.random.default_rng(0)
+    a, b, c = g.normal(size=(3, 500))
+    basis = np.linalg.qr(g.normal(size=(16, 3)))[0].T  # 3 orthonormal directions
+    tokens = 10 * np.outer(a, basis[0]) + 4 * np.outer(b, basis[1]) + 1.5 * np.outer(c, basis[2])
+    rgb = pca_rgb(tokens + 0.01 * g.normal(size=tokens.shape)).astype(float)
+    for channel, source in enumerate((a, b, c)):
+        assert abs(np.corrcoef(rgb[:, channel], source)[0, 1]) > 0.95
+
+
+def test_losses_png(ckpt_path, digits, tmp_path):
+    args = _args(ckpt_path, digits, tmp_path, 2)
+    assert main(["losses", *args, "losses.maskings=48"]) == 0
+    panels = _panels(tmp_path / "losses.png", 2)
+    _shows_the_inputs(panels, digits, 2)
+    for _, heat in panels:
+        assert _patch_constant(heat)
+        cells = heat[::PATCH, ::PATCH].reshape(-1, 3)
+        assert len(np.unique(cells, axis=0)) >= 6  # a heat map, not one colour
+        assert (cells.sum(1) > 0).all()  # every patch was a target at least once (no black)
+
+
+def test_patch_losses_mark_targeted_patches_only(ckpt_path, context_encoder, target_encoder):
+    predictor = load_predictor(ckpt_path, num_heads=4)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mean, counts = patch_losses(context_encoder, target_encoder, predictor, x,
+                                LossesSection(maskings=1), seed=3)  # fmt: skip
+    targeted = counts.flatten() > 0
+    assert mean.shape == (2, 4, 4) and 0 < int(targeted.sum()) < 16
+    assert torch.isnan(mean.flatten(1)[:, ~targeted]).all()
+    assert (mean.flatten(1)[:, targeted] > 0).all()
+    _, many = patch_losses(context_encoder, target_encoder, predictor, x,
+                           LossesSection(maskings=64), seed=3)  # fmt: skip
+    assert (many > 0).all()
+
+
+def test_losses_without_checkpoint_is_one_error_line(digits, tmp_path, capsys):
+    args = [a for a in _args("x", digits, tmp_path, 1) if not a.startswith("model.checkpoint")]
+    assert main(["losses", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.checkpoint" in err

@@ -1,0 +1,13 @@
+"""Pictures for checking the toolkit by eye: ``python visualize.py MODE [--fname CFG] [k=v ...]``.
+
+``pca``: ``<logging.folder>/pca.png``, each image next to its patch features' first 3 principal
+components as RGB. ``losses``: ``<logging.folder>/losses.png``, each image next to the I-JEPA
+prediction loss of every patch over many random maskings (needs a checkpoint with a predictor).
+"""
+
+import sys
+
+from ijepa_toolkit.viz import main
+
+if __name__ == "__main__":
+    sys.exit(main())

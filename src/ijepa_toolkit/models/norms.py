@@ -24,14 +24,16 @@ class DynTanh(nn.Module):
     ``weight``/``bias`` (the output is ``tanh(alpha * x)``).
     """
 
-    def __init__(self, dim: int, alpha_init: float = 0.5, affine: bool = True):
+    def __init__(self, dim: int, alpha_init: float = 0.5, affine: bool = True, device=None,
+                 dtype=None):  # fmt: skip
         super().__init__()
         self.dim = dim
         self.alpha_init = alpha_init
-        self.alpha = nn.Parameter(torch.full((dim,), float(alpha_init)))
+        dd = {"device": device, "dtype": dtype}
+        self.alpha = nn.Parameter(torch.full((dim,), float(alpha_init), **dd))
         if affine:
-            self.weight = nn.Parameter(torch.ones(dim))
-            self.bias = nn.Parameter(torch.zeros(dim))
+            self.weight = nn.Parameter(torch.ones(dim, **dd))
+            self.bias = nn.Parameter(torch.zeros(dim, **dd))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)

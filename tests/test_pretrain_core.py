@@ -10,6 +10,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from ijepa_toolkit import load_encoder, save_checkpoint
+from ijepa_toolkit.checkpoint import timm_spec
 from ijepa_toolkit.models.norms import DynTanh
 from ijepa_toolkit.models.predictor import IJEPAPredictor, PredictorArch
 from ijepa_toolkit.models.vit import EncoderArch, create_encoder
@@ -159,6 +160,8 @@ def test_dyntanh_encoder_is_timm_vit_and_round_trips(tmp_path, norm, block_norm,
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded.forward_features(images), enc.forward_features(images))
+    with pytest.raises(ValueError, match="DynTanh"):
+        timm_spec(loaded.arch)  # export to plain timm would silently need LayerNorm
 
 
 def test_param_groups_exclude_biases_and_norms_from_weight_decay():

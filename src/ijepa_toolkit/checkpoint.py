@@ -341,6 +341,8 @@ TIMM_NAMES = {
 
 def timm_spec(arch: EncoderArch) -> dict:
     """``{"architecture", "kwargs"}`` rebuilding this encoder with plain ``timm.create_model``."""
+    if "dyntanh" in (arch.norm, arch.block_norm):
+        raise ValueError("a DynTanh encoder has no plain timm equivalent (timm uses LayerNorm)")
     if arch.layernorm_eps != 1e-6:
         raise ValueError(
             f"timm's ViT uses LayerNorm eps 1e-6; this encoder has {arch.layernorm_eps}"

@@ -4,6 +4,7 @@ DynTanh encoders (and their checkpoints), optimizer groups."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,13 +12,15 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ijepa_toolkit import load_encoder, save_checkpoint
 from ijepa_toolkit.checkpoint import timm_spec
+from ijepa_toolkit.config import load_config
+from ijepa_toolkit.masks.multiblock import MultiBlockMaskSampler
 from ijepa_toolkit.models.norms import DynTanh
 from ijepa_toolkit.models.predictor import IJEPAPredictor, PredictorArch
 from ijepa_toolkit.models.vit import EncoderArch, create_encoder
-from ijepa_toolkit.pretrain.model import ema_update_, prediction_loss, targets_at
+from ijepa_toolkit.pretrain.model import ema_update_, encoder_arch, prediction_loss, targets_at
 from ijepa_toolkit.pretrain.schedules import Schedules, cosine_wd, ema_momentum, warmup_cosine_lr
 from ijepa_toolkit.pretrain.targets import TargetNorm
-from ijepa_toolkit.pretrain.train import param_groups
+from ijepa_toolkit.pretrain.train import PretrainConfig, param_groups
 
 
 def test_lr_schedule_start_warmup_end_and_middle_of_cosine():
@@ -183,3 +186,26 @@ def test_param_groups_exclude_biases_and_norms_from_weight_decay():
     trainable = [p for m in (enc, pred) for p in m.parameters() if p.requires_grad]
     assert len(decayed) + len(excluded) == len(trainable)
     assert all(g["weight_decay"] == 0.0 for g in groups if g.get("WD_exclude"))
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "pretrain").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_pretrain_configs_parse_and_describe_a_model(path):
+    cfg = load_config(PretrainConfig, path)
+    arch = encoder_arch(cfg.model, cfg.data.crop_size)
+    grid = cfg.data.crop_size // arch.patch_size
+    enc, pred = MultiBlockMaskSampler((grid, grid), cfg.mask).sample(2, 0)
+    assert enc[0].shape[0] == 2 and len(pred) == cfg.mask.num_pred_masks
+    assert arch.embed_dim % arch.num_heads == 0
+
+
+def test_named_sizes_are_the_official_ones():
+    from ijepa_toolkit.pretrain.model import ModelSection
+
+    giant = encoder_arch(ModelSection(model_name="vit_giant", patch_size=16), 224)
+    assert (giant.embed_dim, giant.depth, giant.num_heads) == (1408, 40, 16)
+    assert giant.mlp_ratio == pytest.approx(48 / 11)
+    huge = encoder_arch(ModelSection(model_name="vit_huge", patch_size=14), 224)
+    assert (huge.embed_dim, huge.depth, huge.num_heads, huge.img_size) == (1280, 32, 16, 224)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch.utils.data import Sampler
@@ -21,7 +21,7 @@ class DataSection:
     probes use ``knn_train_folder`` / ``knn_val_folder`` (the digits splits for ``digits``).
     """
 
-    dataset: str = "imagefolder"  # imagefolder | digits
+    dataset: Literal["imagefolder", "digits"] = "imagefolder"
     root_path: str = ""
     image_folder: str = ""
     batch_size: int = 128  # per process

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,19 +38,21 @@ LOSSES = ("smooth_l1", "l2")
 class ModelSection:
     """Encoder, predictor and the StoP / feature-normalisation switches."""
 
-    model_name: str = "vit_huge"  # a MODEL_SIZES key
+    model_name: Literal[
+        "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant"
+    ] = "vit_huge"
     patch_size: int = 14
     arch: Optional[dict] = None  # EncoderArch fields overriding the named size (tiny tests)
     pred_depth: int = 12
     pred_emb_dim: int = 384
     drop_path: float = 0.0
-    output_norm: str = "layernorm"  # encoder output norm: layernorm | dyntanh
-    block_norm: str = "layernorm"  # norms inside the blocks: layernorm | dyntanh
+    output_norm: Literal["layernorm", "dyntanh"] = "layernorm"  # the encoder's final norm
+    block_norm: Literal["layernorm", "dyntanh"] = "layernorm"  # norm1/norm2 inside the blocks
     norm_affine: bool = True  # DynTanh weight/bias
-    target_norm: str = "layernorm"  # layernorm | batchnorm | running_batchnorm | none
+    target_norm: Literal["layernorm", "batchnorm", "running_batchnorm", "none"] = "layernorm"
     stop: bool = False  # StoP: stochastic positions for the predictor's target tokens
     stop_sigma: float = 0.25  # std of the StoP noise, in the encoder width
-    loss: str = "smooth_l1"  # smooth_l1 | l2
+    loss: Literal["smooth_l1", "l2"] = "smooth_l1"
 
 
 def encoder_arch(section: ModelSection, img_size: int) -> EncoderArch:

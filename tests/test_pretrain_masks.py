@@ -94,3 +94,32 @@ def test_impossible_min_keep_is_a_clear_error():
     sampler = MultiBlockMaskSampler(GRID, MaskSection(min_keep=60), max_tries=5)
     with pytest.raises(RuntimeError, match="min_keep=60"):
         sampler.sample(2, 0, torch.Generator().manual_seed(0))
+
+
+def test_render_tints_context_and_targets_and_visualize_writes_pngs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    from ijepa_toolkit.data.digits import build_digits_imagefolder
+    from ijepa_toolkit.masks.render import CONTEXT_RGB, TARGET_RGB, render_masks
+
+    images = torch.zeros(1, 3, 8, 8)  # normalised zeros: the ImageNet mean colour
+    enc, pred = [torch.tensor([[0]])], [torch.tensor([[3]])]
+    out = np.asarray(render_masks(images, enc, pred, patch_size=4)).astype(float)[2:-2, 2:-2]
+    base = np.array([0.485, 0.456, 0.406]) * 255
+    assert np.allclose(out[0, 0], 0.5 * base + 0.5 * np.array(CONTEXT_RGB), atol=1)
+    assert np.allclose(out[4, 4], 0.5 * base + 0.5 * np.array(TARGET_RGB[0]), atol=1)
+    assert np.allclose(out[4, 0], 0.35 * base, atol=1)  # in no mask: dimmed
+
+    train, _ = build_digits_imagefolder(tmp_path / "digits", size=32, per_class=4)
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "visualize.py"), "masks", "--fname",
+           str(repo / "configs/pretrain/tiny_cpu.yaml"), "--steps", "2", "--out", str(tmp_path),
+           "data.dataset=imagefolder", f"data.root_path={train}"]  # fmt: skip
+    env = {"PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["masks_step0.png", "masks_step1.png"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from ijepa_toolkit.config import config_parser, parse_config
+from ijepa_toolkit.config import ConfigError, config_parser, parse_config
 from ijepa_toolkit.engine.distributed import cleanup, init_distributed
 from ijepa_toolkit.engine.logger import setup_console_logging
 from ijepa_toolkit.engine.utils import seed_everything
@@ -23,6 +23,9 @@ def main(argv=None) -> int:
     seed_everything(cfg.meta.seed, dist_info.rank)
     try:
         pretrain(cfg, dist_info)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

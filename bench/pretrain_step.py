@@ -219,8 +219,9 @@ def main() -> None:
         trainer = make_trainer(args.model, args.batch, Path(tmp))
         reference = RefStep(trainer)
         imgs = torch.randn(args.batch, 3, 224, 224)
-        masks_enc, masks_pred = trainer.sample_masks(args.batch)
-        trainer.sample_masks = lambda n: (masks_enc, masks_pred)  # same masks for both
+        groups = trainer.sample_masks(args.batch)
+        trainer.sample_masks = lambda n: groups  # the same masks for both
+        ((_, masks_enc, masks_pred),) = groups
         ours_loss = trainer.train_step(imgs)["loss"]
         ref_loss = reference(imgs, masks_enc, masks_pred)
         print(f"first-step loss: toolkit {ours_loss:.6f}  reference {ref_loss:.6f}")

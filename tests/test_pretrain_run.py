@@ -90,7 +90,7 @@ def test_checkpoint_is_official_layout_and_loads_exactly(digits, tmp_path):
     for name in ("encoder", "predictor", "target_encoder"):
         assert all(k.startswith("module.") for k in obj[name])
     images = torch.randn(3, 3, 32, 32)
-    masks_x, masks = trainer.sample_masks(3)
+    ((_, masks_x, masks),) = trainer.sample_masks(3)
     with torch.no_grad():
         for which in ("target_encoder", "encoder"):
             loaded = load_encoder(trainer.ckpt_path, which=which, num_heads=4)
@@ -155,7 +155,8 @@ def test_exact_resume_after_sigkill(digits, tmp_path):
 def test_ddp_two_processes_match_one_process(digits, tmp_path):
     extra = {"optimization.epochs": 1, "model.target_norm": "batchnorm",
              "data.crop_scale": "[1.0, 1.0]"}  # fmt: skip
-    one = _main(_overrides(digits, tmp_path / "one", **{**extra, "data.batch_size": 16}))
+    one_process = {**extra, "data.batch_size": 16, "mask.group_size": 8}
+    one = _main(_overrides(digits, tmp_path / "one", **one_process))
     _finish(one)
     two = _main(_overrides(digits, tmp_path / "two", **{**extra, "data.batch_size": 8}), nproc=2)
     _finish(two, timeout=180)

@@ -37,6 +37,7 @@ class MaskSection:
     min_keep: int = 10
     allow_overlap: bool = False
     legacy: bool = False  # reproduce the official sampler exactly (quirks included)
+    group_size: int = 0  # images whose masks share one length; 0: the per-process batch
 
 
 class MultiBlockMaskSampler:
@@ -74,15 +75,15 @@ class MultiBlockMaskSampler:
             return h, w
         return min(max(h, 1), self.height), min(max(w, 1), self.width)
 
-    def _block(self, size: tuple[int, int], generator: Optional[torch.Generator]) -> torch.Tensor:
-        """(H, W) bool mask of one block at a uniformly drawn position."""
+    def _blocks(self, size: tuple[int, int], shape: tuple[int, ...], generator) -> torch.Tensor:
+        """(*shape, H, W) bool masks of blocks of ``size`` at uniform positions, the last row and
+        column included."""
         h, w = size
-        extra = 0 if self.cfg.legacy else 1  # default mode reaches the last row/column
-        top = torch.randint(0, self.height - h + extra, (1,), generator=generator)
-        left = torch.randint(0, self.width - w + extra, (1,), generator=generator)
-        mask = torch.zeros((self.height, self.width), dtype=torch.bool)
-        mask[top : top + h, left : left + w] = True
-        return mask
+        top = torch.randint(0, self.height - h + 1, (*shape, 1, 1), generator=generator)
+        left = torch.randint(0, self.width - w + 1, (*shape, 1, 1), generator=generator)
+        rows = torch.arange(self.height).view(-1, 1)
+        cols = torch.arange(self.width).view(1, -1)
+        return (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
 
     def _legacy_block(self, size, generator, acceptable=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The official ``_sample_block_mask``: (indices, complement) with its relaxation loop."""
@@ -120,25 +121,26 @@ class MultiBlockMaskSampler:
         e_size = self.block_size(g, cfg.enc_mask_scale, (1.0, 1.0))
         if cfg.legacy:
             return self._sample_legacy(batch_size, p_size, e_size, generator)
-        enc, pred = [], []
-        for _ in range(batch_size):
-            for _ in range(self.max_tries):
-                targets = [self._block(p_size, generator) for _ in range(cfg.num_pred_masks)]
-                covered = torch.stack(targets).any(dim=0)
-                contexts = [self._block(e_size, generator) for _ in range(cfg.num_enc_masks)]
-                if not cfg.allow_overlap:
-                    contexts = [c & ~covered for c in contexts]
-                if min(int(c.sum()) for c in contexts) >= cfg.min_keep:
-                    break
-            else:
-                raise RuntimeError(
-                    f"mask sampler: no context with at least min_keep={cfg.min_keep} patches in "
-                    f"{self.max_tries} tries on a {self.height}x{self.width} grid; lower "
-                    "mask.min_keep or mask.pred_mask_scale"
-                )
-            pred.append([t.flatten().nonzero().squeeze(1) for t in targets])
-            enc.append([c.flatten().nonzero().squeeze(1) for c in contexts])
-        return equal_length_subsets(enc, generator), equal_length_subsets(pred, generator)
+        n = self.height * self.width
+        targets = torch.zeros(batch_size, cfg.num_pred_masks, n, dtype=torch.bool)
+        contexts = torch.zeros(batch_size, cfg.num_enc_masks, n, dtype=torch.bool)
+        todo = torch.arange(batch_size)  # images whose context is still below min_keep
+        for _ in range(self.max_tries):
+            t = self._blocks(p_size, (len(todo), cfg.num_pred_masks), generator).flatten(2)
+            c = self._blocks(e_size, (len(todo), cfg.num_enc_masks), generator).flatten(2)
+            if not cfg.allow_overlap:
+                c = c & ~t.any(dim=1, keepdim=True)
+            targets[todo], contexts[todo] = t, c
+            todo = todo[contexts[todo].sum(dim=2).min(dim=1).values < cfg.min_keep]
+            if len(todo) == 0:
+                break
+        else:
+            raise RuntimeError(
+                f"mask sampler: no context with at least min_keep={cfg.min_keep} patches in "
+                f"{self.max_tries} tries on a {self.height}x{self.width} grid; lower "
+                "mask.min_keep or mask.pred_mask_scale"
+            )
+        return random_subsets(contexts, generator), random_subsets(targets, generator)
 
     def _sample_legacy(self, batch_size, p_size, e_size, generator):
         cfg = self.cfg
@@ -164,17 +166,10 @@ class MultiBlockMaskSampler:
         return enc, pred
 
 
-def equal_length_subsets(
-    per_image: list[list[torch.Tensor]], generator: Optional[torch.Generator]
-) -> list[torch.Tensor]:
-    """Per image lists of index tensors -> per mask (B, K), K the shortest, random subsets."""
-    k = min(len(m) for masks in per_image for m in masks)
-    out = []
-    for j in range(len(per_image[0])):
-        rows = []
-        for masks in per_image:
-            m = masks[j]
-            keep = torch.randperm(len(m), generator=generator)[:k]
-            rows.append(m[keep.sort().values])
-        out.append(torch.stack(rows))
-    return out
+def random_subsets(masks: torch.Tensor, generator: Optional[torch.Generator]) -> list[torch.Tensor]:
+    """(B, M, N) bool masks -> M index tensors (B, K), K the smallest mask, each row a random
+    subset of its mask's indices in increasing order."""
+    k = int(masks.sum(dim=2).min())
+    scores = torch.rand(masks.shape, generator=generator).masked_fill_(~masks, -1.0)
+    keep = scores.topk(k, dim=2).indices.sort(dim=2).values
+    return list(keep.unbind(dim=1))

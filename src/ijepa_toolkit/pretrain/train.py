@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..checkpoint import read_checkpoint, save_checkpoint
-from ..config import LoggingSection, MetaSection, save_config, to_dict
+from ..config import ConfigError, LoggingSection, MetaSection, save_config, to_dict
 from ..data.folder import SafeImageFolder, collate_skip_none
 from ..engine.distributed import DistInfo, all_gather_cat, all_reduce_sum, barrier
 from ..engine.logger import RunLogger, write_results
@@ -124,6 +125,11 @@ class Pretrainer:
 
     def __init__(self, cfg: PretrainConfig, dist_info: DistInfo):
         self.cfg, self.dist = cfg, dist_info
+        if cfg.mask.group_size and cfg.data.batch_size % cfg.mask.group_size:
+            raise ConfigError(
+                f"mask.group_size={cfg.mask.group_size} must divide "
+                f"data.batch_size={cfg.data.batch_size}"
+            )
         self.device = dist_info.device
         self.folder = Path(cfg.logging.folder)
         self.ckpt_path = self.folder / LAST
@@ -157,9 +163,7 @@ class Pretrainer:
         self.model = self.context
         if dist_info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.context, device_ids=ids, static_graph=True
-            )
+            self.model = torch.nn.parallel.DistributedDataParallel(self.context, device_ids=ids)
         self.epoch, self.step = 0, 0
         self.log = RunLogger(self.folder, enabled=dist_info.is_main,
                              tensorboard=cfg.logging.tensorboard)  # fmt: skip
@@ -191,36 +195,59 @@ class Pretrainer:
         logger.info("resumed from %s: epoch %d, step %d", self.ckpt_path, self.epoch, self.step)
 
     # -- one iteration ---------------------------------------------------------------------
-    def sample_masks(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """This rank's masks for ``n`` images. Default mode draws the masks of the whole global
-        batch from a generator seeded by (seed, step) and keeps this rank's rows, so the run does
-        not depend on the number of ranks; legacy mode samples per rank as the official code."""
-        b, rank = self.cfg.data.batch_size, self.dist.rank
-        if self.cfg.mask.legacy:
-            enc, pred = self.masks.sample(n, self.step)
-        else:
-            g = torch.Generator()
-            g.manual_seed(self.cfg.meta.seed * 2**32 + self.step)
-            enc, pred = self.masks.sample(b * self.dist.world_size, self.step, g)
-            enc = [m[rank * b : rank * b + n] for m in enc]
-            pred = [m[rank * b : rank * b + n] for m in pred]
-        return [m.to(self.device) for m in enc], [m.to(self.device) for m in pred]
+    def sample_masks(self, n: int) -> list[tuple[slice, list[torch.Tensor], list[torch.Tensor]]]:
+        """``(rows, masks_enc, masks_pred)`` for each mask group of this rank's ``n`` images.
+
+        Mask lengths are equal within a group of ``mask.group_size`` images (default: the
+        per-rank batch, as the official code). In default mode group ``g`` of the global batch
+        draws from a generator seeded by (seed, step, g), so a run on W ranks with batch b and
+        one process with batch W*b and group size b use the same masks; legacy mode draws from
+        the global RNG as the official sampler.
+        """
+        b = self.cfg.data.batch_size
+        size = self.cfg.mask.group_size or b
+        groups = []
+        for start in range(0, n, size):
+            rows = slice(start, min(start + size, n))
+            count = rows.stop - rows.start
+            if self.cfg.mask.legacy:
+                enc, pred = self.masks.sample(count, self.step)
+            else:
+                index = (self.dist.rank * b + start) // size
+                g = torch.Generator()
+                g.manual_seed(hash((self.cfg.meta.seed, self.step, index)) % 2**63)
+                enc, pred = self.masks.sample(count, self.step, g)
+            groups.append((rows, [m.to(self.device) for m in enc],
+                           [m.to(self.device) for m in pred]))  # fmt: skip
+        return groups
 
     def train_step(self, images: torch.Tensor) -> dict:
-        """One optimisation step on (B, C, H, W) images; returns the monitored scalars."""
+        """One optimisation step on (B, C, H, W) images; returns the monitored scalars.
+
+        The target encoder sees the whole batch at once; the context path runs once per mask
+        group, accumulating the gradient of the mean loss (DDP synchronises on the last group).
+        """
         lr, wd, momentum = self.schedules.at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             if not group.get("WD_exclude"):
                 group["weight_decay"] = wd
-        masks_enc, masks_pred = self.sample_masks(len(images))
-        with autocast(self.device, self.cfg.meta.use_bfloat16):
-            with torch.no_grad():
-                tokens = self.target_encoder.forward_features(images)
-                h = targets_at(self.target_norm(tokens), masks_pred, len(masks_enc))
-            z = self.model(images, masks_enc, masks_pred)
-            loss = prediction_loss(z, h, self.cfg.model.loss)
-        loss_value = float(all_reduce_sum(loss.detach().float().clone())) / self.dist.world_size
+        groups = self.sample_masks(len(images))
+        with autocast(self.device, self.cfg.meta.use_bfloat16), torch.no_grad():
+            tokens = self.target_encoder.forward_features(images)
+            normed = self.target_norm(tokens)
+        total = torch.zeros((), device=self.device)
+        for i, (rows, masks_enc, masks_pred) in enumerate(groups):
+            last = i == len(groups) - 1
+            sync = self.model.no_sync() if self.dist.distributed and not last else nullcontext()
+            with sync:
+                with autocast(self.device, self.cfg.meta.use_bfloat16):
+                    h = targets_at(normed[rows], masks_pred, len(masks_enc))
+                    z = self.model(images[rows], masks_enc, masks_pred)
+                    loss = prediction_loss(z, h, self.cfg.model.loss) / len(groups)
+                loss.backward()
+            total += loss.detach().float()
+        loss_value = float(all_reduce_sum(total)) / self.dist.world_size
         if not math.isfinite(loss_value):
             last = (f"{self.ckpt_path} (epoch {self.epoch})" if self.ckpt_path.exists()
                     else "none written yet")  # fmt: skip
@@ -228,7 +255,6 @@ class Pretrainer:
                 f"loss is {loss_value} at step {self.step} (epoch {self.epoch}); stopping before "
                 f"the update. Last good checkpoint: {last}"
             )
-        loss.backward()
         params = [p for p in self.context.parameters() if p.requires_grad]
         max_norm = self.cfg.optimization.clip_grad or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))

@@ -12,7 +12,6 @@ import sys
 from ijepa_toolkit.config import ConfigError, config_parser, parse_config
 from ijepa_toolkit.engine.distributed import cleanup, init_distributed
 from ijepa_toolkit.engine.logger import setup_console_logging
-from ijepa_toolkit.engine.utils import seed_everything
 from ijepa_toolkit.pretrain.train import PretrainConfig, TrainingDiverged, pretrain
 
 
@@ -20,7 +19,6 @@ def main(argv=None) -> int:
     cfg, _ = parse_config(PretrainConfig, config_parser(__doc__.splitlines()[0]), argv)
     dist_info = init_distributed(cfg.meta.device)
     setup_console_logging(dist_info.is_main)
-    seed_everything(cfg.meta.seed, dist_info.rank)
     try:
         pretrain(cfg, dist_info)
     except ConfigError as e:

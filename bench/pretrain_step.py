@@ -3,8 +3,8 @@
 The reference is written the way the official code is: manual attention (``q @ k^T``, softmax),
 per-mask Python loops in the encoder, the predictor and ``apply_masks``, and a per-parameter
 Python loop for the EMA update. Both start from the same weights and masks; the first step's
-losses are printed so the two can be seen to compute the same thing. One run prints both rates
-and their ratio.
+losses are printed so the two can be seen to compute the same thing. The two steps are timed
+alternately in one run, which prints both rates and their ratio.
 
     python bench/pretrain_step.py [--model vit_tiny] [--batch 8] [--iters 10] [--threads 1]
 """
@@ -199,12 +199,17 @@ def make_trainer(model: str, batch: int, folder: Path) -> Pretrainer:
     return Pretrainer(cfg, DistInfo())
 
 
-def rate(fn, iters: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
+def interleaved_rates(fn_a, fn_b, iters: int) -> tuple[float, float]:
+    """Iterations/s of two step functions timed alternately (after one warm-up step each), so
+    both see the same background load."""
+    fn_a(), fn_b()
+    spent = [0.0, 0.0]
     for _ in range(iters):
-        fn()
-    return iters / (time.perf_counter() - start)
+        for i, fn in enumerate((fn_a, fn_b)):
+            start = time.perf_counter()
+            fn()
+            spent[i] += time.perf_counter() - start
+    return iters / spent[0], iters / spent[1]
 
 
 def main() -> None:
@@ -226,11 +231,16 @@ def main() -> None:
         ref_loss = reference(imgs, masks_enc, masks_pred)
         print(f"first-step loss: toolkit {ours_loss:.6f}  reference {ref_loss:.6f}")
         assert math.isclose(ours_loss, ref_loss, rel_tol=1e-4), "the two steps disagree"
-        ours = rate(lambda: trainer.train_step(imgs), args.iters)
-        ref = rate(lambda: reference(imgs, masks_enc, masks_pred), args.iters)
+        ours, ref = interleaved_rates(
+            lambda: trainer.train_step(imgs),
+            lambda: reference(imgs, masks_enc, masks_pred),
+            args.iters,
+        )
         trainer.log.close()
     sizes = f"context {masks_enc[0].shape[1]} / target {masks_pred[0].shape[1]} x 4 patches"
-    print(f"{args.model}/16 at 224, batch {args.batch}, {args.threads} threads, {sizes}")
+    arch = trainer.encoder.arch
+    print(f"{args.model}/16 (width {arch.embed_dim}, depth {arch.depth}) at 224, batch "
+          f"{args.batch}, {args.threads} threads, {sizes}")  # fmt: skip
     print(f"toolkit   {ours:.3f} it/s")
     print(f"reference {ref:.3f} it/s")
     print(f"ratio     {ours / ref:.2f}x")

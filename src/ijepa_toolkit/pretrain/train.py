@@ -30,7 +30,7 @@ from ..data.folder import SafeImageFolder, collate_skip_none
 from ..engine.distributed import DistInfo, all_gather_cat, all_reduce_sum, barrier
 from ..engine.logger import RunLogger, write_results
 from ..engine.resume import LAST, gather_rng_states, restore_rng_states
-from ..engine.utils import autocast, progress
+from ..engine.utils import autocast, progress, seed_everything
 from ..eval.rank import rankme
 from ..masks.multiblock import MaskSection, MultiBlockMaskSampler
 from .data import DataSection, GlobalBatchSampler, pretrain_transform, resolve_folders
@@ -137,6 +137,7 @@ class Pretrainer:
         self.encoder, self.predictor, self.target_encoder = (
             m.to(self.device) for m in build_models(cfg.model, cfg.data.crop_size)
         )
+        seed_everything(cfg.meta.seed, dist_info.rank)  # each rank its own data / noise stream
         self.context = ContextPath(self.encoder, self.predictor)
         self.target_norm = TargetNorm(cfg.model.target_norm, self.encoder.embed_dim).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.encoder, self.predictor))

@@ -79,12 +79,18 @@ def _tensors(obj, prefix=""):
 
 def test_checkpoint_is_official_layout_and_loads_exactly(digits, tmp_path):
     extra = {"optimization.epochs": 1, "model.stop": True, "model.output_norm": "dyntanh",
-             "logging.knn_freq": 1}  # fmt: skip
+             "logging.knn_freq": 1, "logging.lidar_freq": 1,
+             "logging.lidar_images": 32}  # fmt: skip
     cfg = _cfg(digits, tmp_path, **extra)
     trainer = Pretrainer(cfg, DistInfo())
     metrics = trainer.run()
     trainer.log.close()
     assert 0 <= metrics["knn_top1"] <= 100 and 0 <= metrics["knn_top1_init"] <= 100
+    assert 1 <= metrics["lidar"] <= 32
+    rows = read_jsonl(tmp_path / "log.jsonl")
+    monitored = {"loss", "lr", "wd", "momentum", "grad_norm", "target_std", "rankme"}
+    assert monitored <= set().union(*rows), set().union(*rows)
+    assert all(r["target_std"] > 0 and r["grad_norm"] > 0 for r in rows if "target_std" in r)
     obj = read_checkpoint(trainer.ckpt_path)
     assert OFFICIAL_KEYS <= set(obj) and obj["epoch"] == 1 and obj["world_size"] == 1
     for name in ("encoder", "predictor", "target_encoder"):

@@ -441,6 +441,8 @@ def timm_spec(arch: EncoderArch) -> dict:
     ``pretrained_cfg_overlay`` (add ``file=...``) makes timm report the right input size and
     normalisation and load the weights with strict key matching (``num_classes=0``).
     """
+    if "dyntanh" in (arch.norm, arch.block_norm):
+        raise ValueError("a DynTanh encoder has no plain timm equivalent (timm uses LayerNorm)")
     if arch.layernorm_eps != 1e-6:
         raise ValueError(
             f"timm's ViT uses LayerNorm eps 1e-6; this encoder has {arch.layernorm_eps}"

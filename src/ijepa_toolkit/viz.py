@@ -249,11 +249,47 @@ def losses(argv: Optional[Sequence[str]] = None) -> Path:
     return path
 
 
-COMMANDS = {"pca": pca, "losses": losses}
+def masks(argv: Optional[Sequence[str]] = None) -> list[Path]:
+    """``visualize.py masks --fname configs/pretrain/X.yaml``: one PNG per mask-sampler step."""
+    from .masks.multiblock import MultiBlockMaskSampler
+    from .masks.render import render_masks
+    from .pretrain.data import resolve_folders
+    from .pretrain.model import encoder_arch
+    from .pretrain.train import PretrainConfig
+
+    parser = config_parser("PNGs of sampled context/target masks over images")
+    parser.add_argument("--steps", type=int, default=4, help="mask-sampler steps to draw")
+    parser.add_argument("--images", type=int, default=8, help="images per PNG")
+    parser.add_argument("--scale", type=int, default=0, help="panel zoom (0: to ~224 px)")
+    parser.add_argument("--out", default=None, help="folder (default: logging.folder/masks)")
+    cfg, args = parse_config(PretrainConfig, parser, argv)
+    size = cfg.data.crop_size
+    arch = encoder_arch(cfg.model, size)
+    grid = size // arch.patch_size
+    sampler = MultiBlockMaskSampler((grid, grid), cfg.mask)
+    folder = resolve_folders(cfg.data)[0]
+    dataset = SafeImageFolder(folder, transform=eval_transform(size, crop_ratio=1.0))
+    images = torch.stack([dataset[i][0] for i in range(min(args.images, len(dataset)))])
+    out = Path(args.out or Path(cfg.logging.folder) / "masks")
+    out.mkdir(parents=True, exist_ok=True)
+    scale = args.scale or max(1, 224 // size)
+    generator = None if cfg.mask.legacy else torch.Generator().manual_seed(cfg.meta.seed)
+    paths = []
+    for step in range(args.steps):
+        enc, pred = sampler.sample(len(images), step, generator)
+        path = out / f"masks_step{step}.png"
+        render_masks(images, enc, pred, arch.patch_size, scale).save(path)
+        print(f"{path}: context {enc[0].shape[1]} patches, {len(pred)} targets of "
+              f"{pred[0].shape[1]} patches, grid {grid}x{grid}")  # fmt: skip
+        paths.append(path)
+    return paths
+
+
+COMMANDS = {"masks": masks, "pca": pca, "losses": losses}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``visualize.py {pca,losses} [--fname cfg.yaml] [key=value ...]``."""
+    """``visualize.py {masks,pca,losses} [--fname cfg.yaml] [key=value ...]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: visualize.py {{{','.join(COMMANDS)}}} [--fname CFG] [key=value ...]",

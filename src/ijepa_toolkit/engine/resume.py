@@ -27,7 +27,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _all_rng_states() -> list:
+def gather_rng_states() -> list:
+    """Every rank's RNG state, in rank order (under DDP every rank must call it)."""
     state = rng_state()
     if dist.is_available() and dist.is_initialized():
         states = [None] * dist.get_world_size()
@@ -52,7 +53,7 @@ def save_training_state(
     ``epoch`` is the number of finished epochs, ``step`` the number of optimizer steps taken.
     ``extra`` holds plain values (config dict, best metric, model EMA state dict, ...).
     """
-    rngs = _all_rng_states()
+    rngs = gather_rng_states()
     if not is_main:
         return
     obj = {
@@ -87,11 +88,15 @@ def load_training_state(
     if scaler is not None and obj.get("scaler") is not None:
         scaler.load_state_dict(obj["scaler"])
     if restore_rng and obj.get("rng"):
-        states = obj["rng"]
-        if len(states) <= rank:
-            logger.warning(
-                "%s: saved with %d ranks; rank %d reuses rank 0's RNG", path, len(states), rank
-            )
-        set_rng_state(states[rank] if rank < len(states) else states[0])
+        restore_rng_states(obj["rng"], rank, path)
     logger.info("resumed from %s: epoch %s, step %s", path, obj["epoch"], obj.get("step"))
     return obj
+
+
+def restore_rng_states(states: list, rank: int, path: Union[str, Path] = "") -> None:
+    """Set this rank's RNG state from ``gather_rng_states()`` output (rank 0's if it has none)."""
+    if len(states) <= rank:
+        logger.warning(
+            "%s: saved with %d ranks; rank %d reuses rank 0's RNG", path, len(states), rank
+        )
+    set_rng_state(states[rank] if rank < len(states) else states[0])

@@ -1,4 +1,13 @@
-"""The official I-JEPA predictor (same parameter names), built from timm blocks."""
+"""The official I-JEPA predictor (same parameter names), built from timm blocks, with StoP.
+
+StoP (Bar et al., 2024, "Stochastic positional embeddings improve masked image modeling"): with
+``stop_sigma > 0`` each target token's input is its fixed sin-cos position plus
+``predictor_embed(n)``, ``n ~ N(0, stop_sigma^2 I)`` drawn in the encoder width, instead of
+``mask_token + position``. The noise goes through the same linear layer that embeds the context
+tokens (which keeps the learned noise covariance from collapsing), the mask token is unused (kept,
+frozen, so checkpoints keep the official key names), and noise is drawn in train and eval mode,
+as in the StoP code.
+"""
 
 from __future__ import annotations
 
@@ -44,11 +53,13 @@ class IJEPAPredictor(nn.Module):
     Called as the official ``predictor(x, masks_x, masks)``: ``x`` (len(masks_x)*B, Kc, D) context
     tokens, ``masks_x`` the context index tensor(s) (B, Kc), ``masks`` the target index tensor(s)
     (B, Kt). Returns (len(masks)*len(masks_x)*B, Kt, D) predictions, mask-major.
+    ``stop_sigma > 0`` switches on StoP (module docstring); 0 is the exact official forward.
     """
 
-    def __init__(self, arch: PredictorArch, drop_path_rate: float = 0.0):
+    def __init__(self, arch: PredictorArch, drop_path_rate: float = 0.0, stop_sigma: float = 0.0):
         super().__init__()
         self.arch = arch
+        self.stop_sigma = stop_sigma
         dim = arch.predictor_embed_dim
         norm_layer = partial(nn.LayerNorm, eps=arch.layernorm_eps)
         self.predictor_embed = nn.Linear(arch.embed_dim, dim, bias=True)
@@ -65,6 +76,8 @@ class IJEPAPredictor(nn.Module):
         self.predictor_norm = norm_layer(dim)
         self.predictor_proj = nn.Linear(dim, arch.embed_dim, bias=True)
         trunc_normal_(self.mask_token, std=0.02)
+        if stop_sigma > 0:
+            self.mask_token.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, masks_x: Masks, masks: Masks) -> torch.Tensor:
         masks_x = [masks_x] if isinstance(masks_x, torch.Tensor) else list(masks_x)
@@ -77,7 +90,12 @@ class IJEPAPredictor(nn.Module):
         n_context = x.shape[1]
 
         target_pos = repeat_interleave_batch(apply_masks(pos, masks), batch, len(masks_x))
-        pred_tokens = self.mask_token.to(x.dtype) + target_pos
+        if self.stop_sigma > 0:
+            shape = (*target_pos.shape[:2], self.arch.embed_dim)
+            noise = torch.randn(shape, device=x.device, dtype=x.dtype) * self.stop_sigma
+            pred_tokens = target_pos + self.predictor_embed(noise)
+        else:
+            pred_tokens = self.mask_token.to(x.dtype) + target_pos
         x = torch.cat([x.repeat(len(masks), 1, 1), pred_tokens], dim=1)
         for blk in self.predictor_blocks:
             x = blk(x)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Optional, Sequence, Union
 
 import torch
@@ -17,6 +16,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from .norms import norm_layer as make_norm_layer
 from .pos_embed import is_sincos, sincos_2d
 
 # Width -> heads of the standard ViT sizes (Ti, S, B, L, H, g).
@@ -39,6 +39,9 @@ class EncoderArch:
     qkv_bias: bool = True
     in_chans: int = 3
     layernorm_eps: float = 1e-6
+    norm: str = "layernorm"  # output norm: layernorm | dyntanh
+    block_norm: str = "layernorm"  # norm1/norm2 inside the blocks: layernorm | dyntanh
+    norm_affine: bool = True  # DynTanh weight/bias (LayerNorm is always affine)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,7 +118,12 @@ def create_encoder(
     drop_path_rate: float = 0.0,
     norm_layer: Optional[type] = None,
 ) -> IJEPAVisionTransformer:
-    """A fresh encoder; a ``sincos`` one has its table filled with the fixed sin-cos values."""
+    """A fresh encoder; a ``sincos`` one has its table filled with the fixed sin-cos values.
+
+    Without ``norm_layer`` the norms follow ``arch.block_norm`` (inside the blocks) and
+    ``arch.norm`` (the output norm); an explicit ``norm_layer`` is used for all of them.
+    """
+    blocks_norm = make_norm_layer(arch.block_norm, arch.layernorm_eps, arch.norm_affine)
     model = IJEPAVisionTransformer(
         img_size=arch.img_size,
         patch_size=arch.patch_size,
@@ -131,9 +139,12 @@ def create_encoder(
         fc_norm=False,
         dynamic_img_size=True,
         drop_path_rate=drop_path_rate,
-        norm_layer=norm_layer or partial(nn.LayerNorm, eps=arch.layernorm_eps),
+        norm_layer=norm_layer or blocks_norm,
         pos_embed_kind=pos_embed_kind,
     )
+    if norm_layer is None and arch.norm != arch.block_norm:
+        output_norm = make_norm_layer(arch.norm, arch.layernorm_eps, arch.norm_affine)
+        model.norm = output_norm(arch.embed_dim)
     if pos_embed_kind == "sincos":
         with torch.no_grad():
             model.pos_embed.copy_(sincos_2d(arch.embed_dim, model.patch_embed.grid_size))
@@ -154,6 +165,9 @@ def infer_encoder_arch(state_dict: dict, num_heads: Optional[int] = None) -> Enc
     if grid * grid != num_patches:
         raise ValueError(f"pos_embed has {num_patches} positions, not a square grid")
     eps = 1e-6
+    norm = "dyntanh" if "norm.alpha" in state_dict else "layernorm"
+    block_norm = "dyntanh" if "blocks.0.norm1.alpha" in state_dict else "layernorm"
+    dyntanh_key = "norm" if norm == "dyntanh" else "blocks.0.norm1"
     return EncoderArch(
         img_size=grid * patch_h,
         patch_size=patch_h,
@@ -164,6 +178,9 @@ def infer_encoder_arch(state_dict: dict, num_heads: Optional[int] = None) -> Enc
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
         in_chans=in_chans,
         layernorm_eps=eps,
+        norm=norm,
+        block_norm=block_norm,
+        norm_affine=f"{dyntanh_key}.weight" in state_dict,
     )
 
 

@@ -1,0 +1,1 @@
+"""Mask samplers for masked-image pretraining."""

@@ -1,0 +1,1 @@
+"""I-JEPA / StoP pretraining: schedules, target normalisation, the training step and loop."""

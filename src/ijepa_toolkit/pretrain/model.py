@@ -1,0 +1,159 @@
+"""The I-JEPA model pieces: context path (encoder + predictor), EMA target encoder, loss, init."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+
+from ..models.predictor import IJEPAPredictor, PredictorArch, repeat_interleave_batch
+from ..models.vit import (
+    EncoderArch,
+    IJEPAVisionTransformer,
+    Masks,
+    apply_masks,
+    create_encoder,
+    encode_masked,
+)
+
+# The official model sizes (src/models/vision_transformer.py): width, depth, heads, mlp ratio.
+MODEL_SIZES = {
+    "vit_tiny": (192, 12, 3, 4.0),
+    "vit_small": (384, 12, 6, 4.0),
+    "vit_base": (768, 12, 12, 4.0),
+    "vit_large": (1024, 24, 16, 4.0),
+    "vit_huge": (1280, 32, 16, 4.0),
+    "vit_giant": (1408, 40, 16, 48 / 11),
+}
+LOSSES = ("smooth_l1", "l2")
+
+
+@dataclass
+class ModelSection:
+    """Encoder, predictor and the StoP / feature-normalisation switches."""
+
+    model_name: Literal[
+        "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant"
+    ] = "vit_huge"
+    patch_size: int = 14
+    arch: Optional[dict] = None  # EncoderArch fields overriding the named size (tiny tests)
+    pred_depth: int = 12
+    pred_emb_dim: int = 384
+    drop_path: float = 0.0
+    output_norm: Literal["layernorm", "dyntanh"] = "layernorm"  # the encoder's final norm
+    block_norm: Literal["layernorm", "dyntanh"] = "layernorm"  # norm1/norm2 inside the blocks
+    norm_affine: bool = True  # DynTanh weight/bias
+    target_norm: Literal["layernorm", "batchnorm", "running_batchnorm", "none"] = "layernorm"
+    stop: bool = False  # StoP: stochastic positions for the predictor's target tokens
+    stop_sigma: float = 0.25  # std of the StoP noise, in the encoder width
+    loss: Literal["smooth_l1", "l2"] = "smooth_l1"
+
+
+def encoder_arch(section: ModelSection, img_size: int) -> EncoderArch:
+    """The encoder shape: ``model_name`` at ``img_size``/``patch_size``, ``arch`` overrides."""
+    if section.model_name not in MODEL_SIZES:
+        raise ValueError(
+            f"model.model_name={section.model_name!r}: expected one of {sorted(MODEL_SIZES)}"
+        )
+    width, depth, heads, mlp_ratio = MODEL_SIZES[section.model_name]
+    fields = dict(
+        img_size=img_size, patch_size=section.patch_size, embed_dim=width, depth=depth,
+        num_heads=heads, mlp_ratio=mlp_ratio, norm=section.output_norm,
+        block_norm=section.block_norm, norm_affine=section.norm_affine,
+    )  # fmt: skip
+    fields.update(section.arch or {})
+    try:
+        arch = EncoderArch(**fields)
+    except TypeError as e:
+        raise ValueError(f"model.arch: {e}") from None
+    if img_size % arch.patch_size:
+        raise ValueError(f"data.crop_size={img_size} is not a multiple of patch {arch.patch_size}")
+    return arch
+
+
+def official_init_(module: nn.Module, blocks: nn.ModuleList, std: float = 0.02) -> None:
+    """The official I-JEPA init: trunc-normal(0.02) Linear/Conv weights, zero biases, unit
+    LayerNorms, then each block's ``attn.proj`` and ``mlp.fc2`` weights divided by
+    ``sqrt(2 * layer)`` (layers counted from 1). Other norms (DynTanh) keep their own init."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        for layer, block in enumerate(blocks, start=1):
+            block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+
+
+class ContextPath(nn.Module):
+    """Context encoder + predictor in one module (one DDP wrapper, the trained parameters).
+
+    ``forward(images, masks_enc, masks_pred)``: (B, C, H, W) images -> predictions
+    (len(masks_pred) * len(masks_enc) * B, Kt, D), mask-major as the official code.
+    """
+
+    def __init__(self, encoder: IJEPAVisionTransformer, predictor: IJEPAPredictor):
+        super().__init__()
+        self.encoder = encoder
+        self.predictor = predictor
+
+    def forward(self, images: torch.Tensor, masks_enc: Masks, masks_pred: Masks) -> torch.Tensor:
+        return self.predictor(encode_masked(self.encoder, images, masks_enc), masks_enc, masks_pred)
+
+
+def build_models(
+    section: ModelSection, img_size: int
+) -> tuple[IJEPAVisionTransformer, IJEPAPredictor, IJEPAVisionTransformer]:
+    """Fresh ``(encoder, predictor, target_encoder)`` with the official init; the target
+    encoder is a frozen copy of the encoder and the sin-cos position tables are not trained."""
+    arch = encoder_arch(section, img_size)
+    encoder = create_encoder(arch, pos_embed_kind="sincos", drop_path_rate=section.drop_path)
+    official_init_(encoder, encoder.blocks)
+    encoder.pos_embed.requires_grad_(False)
+    pred_arch = PredictorArch(
+        grid=img_size // arch.patch_size, embed_dim=arch.embed_dim,
+        predictor_embed_dim=section.pred_emb_dim, depth=section.pred_depth,
+        num_heads=arch.num_heads,
+    )  # fmt: skip
+    stop_sigma = section.stop_sigma if section.stop else 0.0
+    predictor = IJEPAPredictor(pred_arch, drop_path_rate=section.drop_path, stop_sigma=stop_sigma)
+    official_init_(predictor, predictor.predictor_blocks)
+    target_encoder = copy.deepcopy(encoder)
+    for p in target_encoder.parameters():
+        p.requires_grad_(False)
+    return encoder, predictor, target_encoder
+
+
+def targets_at(tokens: torch.Tensor, masks_pred: Masks, num_enc_masks: int) -> torch.Tensor:
+    """Target tokens (B, N, D) at the target positions, laid out as the predictions:
+    (len(masks_pred) * num_enc_masks * B, Kt, D)."""
+    h = apply_masks(tokens, masks_pred)
+    return repeat_interleave_batch(h, tokens.shape[0], repeat=num_enc_masks)
+
+
+def prediction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smooth_l1"):
+    """Mean smooth-L1 (beta 1, official) or mean squared error between (M, K, D) tensors."""
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target)
+    if kind == "l2":
+        return F.mse_loss(pred, target)
+    raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+
+
+@torch.no_grad()
+def ema_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
+    """``t = momentum * t + (1 - momentum) * s`` for every parameter pair (official order)."""
+    t_params = list(target.parameters())
+    s_params = [p.detach() for p in source.parameters()]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)

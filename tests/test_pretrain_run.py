@@ -1,0 +1,177 @@
+"""main_pretrain.py end to end on a few digits: official checkpoint layout read back exactly,
+NaN stop, exact resume after SIGKILL, 2-process DDP parity with one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ijepa_toolkit import load_encoder, load_predictor
+from ijepa_toolkit.checkpoint import read_checkpoint
+from ijepa_toolkit.config import load_config
+from ijepa_toolkit.data.digits import build_digits_imagefolder
+from ijepa_toolkit.engine.distributed import DistInfo
+from ijepa_toolkit.engine.logger import read_jsonl
+from ijepa_toolkit.models.vit import encode_masked
+from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer, TrainingDiverged, pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+OFFICIAL_KEYS = {"encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss",
+                 "batch_size", "world_size", "lr"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> tuple[Path, Path]:
+    return build_digits_imagefolder(tmp_path_factory.mktemp("digits"), size=32, per_class=16)
+
+
+def _overrides(digits, folder, **extra) -> list[str]:
+    train, val = digits
+    opts = {
+        "data.dataset": "imagefolder", "data.root_path": str(train), "data.image_folder": "",
+        "data.batch_size": 16, "data.knn_train_folder": str(train),
+        "data.knn_val_folder": str(val), "model.arch": "{embed_dim: 32, depth: 2, num_heads: 4}",
+        "model.pred_depth": 1, "model.pred_emb_dim": 16, "optimization.epochs": 3,
+        "logging.folder": str(folder), "logging.log_freq": 1, "logging.rankme_freq": 3,
+        "logging.knn_freq": 0, "logging.tensorboard": False, **extra,
+    }  # fmt: skip
+    return [f"{k}={v}" for k, v in opts.items()]
+
+
+def _cfg(digits, folder, **extra) -> PretrainConfig:
+    return load_config(PretrainConfig, CONFIG, _overrides(digits, folder, **extra))
+
+
+def _main(args: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, str(REPO / "main_pretrain.py"), "--fname", str(CONFIG), *args]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **kw)  # fmt: skip
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _tensors(obj, prefix=""):
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}.{i}")
+
+
+def test_checkpoint_is_official_layout_and_loads_exactly(digits, tmp_path):
+    extra = {"optimization.epochs": 1, "model.stop": True, "model.output_norm": "dyntanh",
+             "logging.knn_freq": 1, "logging.lidar_freq": 1,
+             "logging.lidar_images": 32}  # fmt: skip
+    cfg = _cfg(digits, tmp_path, **extra)
+    trainer = Pretrainer(cfg, DistInfo())
+    metrics = trainer.run()
+    trainer.log.close()
+    assert 0 <= metrics["knn_top1"] <= 100 and 0 <= metrics["knn_top1_init"] <= 100
+    assert 1 <= metrics["lidar"] <= 32
+    rows = read_jsonl(tmp_path / "log.jsonl")
+    monitored = {"loss", "lr", "wd", "momentum", "grad_norm", "target_std", "rankme"}
+    assert monitored <= set().union(*rows), set().union(*rows)
+    assert all(r["target_std"] > 0 and r["grad_norm"] > 0 for r in rows if "target_std" in r)
+    obj = read_checkpoint(trainer.ckpt_path)
+    assert OFFICIAL_KEYS <= set(obj) and obj["epoch"] == 1 and obj["world_size"] == 1
+    for name in ("encoder", "predictor", "target_encoder"):
+        assert all(k.startswith("module.") for k in obj[name])
+    images = torch.randn(3, 3, 32, 32)
+    ((_, masks_x, masks),) = trainer.sample_masks(3)
+    with torch.no_grad():
+        for which in ("target_encoder", "encoder"):
+            loaded = load_encoder(trainer.ckpt_path, which=which, num_heads=4)
+            live = getattr(trainer, which).eval()
+            assert torch.equal(loaded.forward_features(images), live.forward_features(images))
+        pred = load_predictor(trainer.ckpt_path, num_heads=4)
+        pred.stop_sigma = cfg.model.stop_sigma  # StoP checkpoints hold official keys only
+        ctx = encode_masked(trainer.encoder, images, masks_x)
+        torch.manual_seed(7)
+        expected = trainer.predictor.eval()(ctx, masks_x, masks)
+        torch.manual_seed(7)
+        assert torch.equal(pred(ctx, masks_x, masks), expected)
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(digits, tmp_path):
+    cfg = _cfg(digits, tmp_path, **{"optimization.epochs": 1, "logging.rankme_freq": 0})
+    pretrain(cfg, DistInfo())
+    before = read_checkpoint(tmp_path / "checkpoint-last.pth")
+    cfg.optimization.epochs = 3
+    cfg.optimization.start_lr = cfg.optimization.lr = 1e38  # blows the weights up
+    with pytest.raises(
+        TrainingDiverged, match=r"loss is (nan|inf).*checkpoint-last.pth \(epoch 1\)"
+    ):
+        pretrain(cfg, DistInfo())
+    after = read_checkpoint(tmp_path / "checkpoint-last.pth")
+    assert after["epoch"] == 1
+    for (k, a), (_, b) in zip(
+        _tensors(before["target_encoder"]), _tensors(after["target_encoder"])
+    ):
+        assert torch.equal(a, b), k
+    load_encoder(tmp_path / "checkpoint-last.pth", num_heads=4)  # finite, loadable
+
+
+def test_exact_resume_after_sigkill(digits, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    extra = {"optimization.epochs": 4, "model.target_norm": "running_batchnorm",
+             "model.stop": True, "data.crop_scale": "[0.3, 1.0]"}  # fmt: skip
+    _finish(_main(_overrides(digits, whole, **extra)))
+    proc = _main(_overrides(digits, killed, **extra))
+    ckpt = killed / "checkpoint-last.pth"
+    deadline = time.time() + 120
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "results.json").exists(), "run finished before the kill"
+    assert read_checkpoint(ckpt)["epoch"] < 4
+    out = _finish(_main(_overrides(digits, killed, **extra)))
+    assert "resumed from" in out
+    a, b = read_checkpoint(whole / "checkpoint-last.pth"), read_checkpoint(ckpt)
+    names = ("encoder", "predictor", "target_encoder", "opt", "target_norm")
+    ta, tb = dict(_tensors({k: a[k] for k in names})), dict(_tensors({k: b[k] for k in names}))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    assert (a["epoch"], a["step"], a["loss"]) == (b["epoch"], b["step"], b["loss"])
+    rows = [r for r in read_jsonl(whole / "log.jsonl") if "epoch_loss" in r]
+    assert rows[-1]["epoch_loss"] < rows[0]["epoch_loss"]  # the loss goes down
+
+
+def test_ddp_two_processes_match_one_process(digits, tmp_path):
+    extra = {"optimization.epochs": 1, "model.target_norm": "batchnorm",
+             "data.crop_scale": "[1.0, 1.0]"}  # fmt: skip
+    one_process = {**extra, "data.batch_size": 16, "mask.group_size": 8}
+    one = _main(_overrides(digits, tmp_path / "one", **one_process))
+    _finish(one)
+    two = _main(_overrides(digits, tmp_path / "two", **{**extra, "data.batch_size": 8}), nproc=2)
+    _finish(two, timeout=180)
+    a = read_checkpoint(tmp_path / "one" / "checkpoint-last.pth")
+    b = read_checkpoint(tmp_path / "two" / "checkpoint-last.pth")
+    assert (a["world_size"], b["world_size"]) == (1, 2) and a["step"] == b["step"] > 0
+    for name in ("encoder", "predictor", "target_encoder"):
+        for k, v in a[name].items():
+            assert torch.allclose(v, b[name][k], atol=2e-5, rtol=1e-4), (name, k)
+    la = [r["loss"] for r in read_jsonl(tmp_path / "one" / "log.jsonl") if "loss" in r]
+    lb = [r["loss"] for r in read_jsonl(tmp_path / "two" / "log.jsonl") if "loss" in r]
+    assert la == pytest.approx(lb, rel=1e-4)

@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m ijepa_toolkit.demo
 
+# One BLAS/OpenMP thread per process: the suite runs many small models and 2-process DDP tests,
+# which oversubscribe a 2-core machine badly with the default thread count (about 10x slower).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

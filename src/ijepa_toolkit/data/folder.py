@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import default_collate
 from torchvision.datasets import ImageFolder
 
 logger = logging.getLogger("ijepa_toolkit")
-BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# PIL only warns between MAX_IMAGE_PIXELS and twice that: the warning is turned into an error
+BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                    Image.DecompressionBombWarning)  # fmt: skip
 
 
 class SafeImageFolder(ImageFolder):
@@ -37,8 +41,10 @@ class SafeImageFolder(ImageFolder):
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as img:
+                    img = to_rgb(img)
         except BAD_IMAGE_ERRORS as e:
             if self.on_error == "raise":
                 raise OSError(f"{path}: unreadable image ({e})") from e
@@ -49,6 +55,14 @@ class SafeImageFolder(ImageFolder):
         if self.target_transform is not None:
             target = self.target_transform(target)
         return img, target
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode; 16/32-bit integer images are scaled (PIL clips them to 255)."""
+    if img.mode.startswith("I"):  # I;16, I;16B, I (16-bit PNG), 0..65535
+        values = np.asarray(img, dtype=np.float64).clip(0, 65535) / 257.0
+        img = Image.fromarray(values.round().astype(np.uint8))
+    return img.convert("RGB")
 
 
 def collate_skip_none(batch: list):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from ijepa_toolkit.checkpoint import CheckpointWriteError
 from ijepa_toolkit.config import ConfigError, config_parser, parse_config
 from ijepa_toolkit.engine.distributed import cleanup, init_distributed
 from ijepa_toolkit.engine.logger import setup_console_logging
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

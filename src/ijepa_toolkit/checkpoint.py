@@ -378,18 +378,51 @@ def save_checkpoint(obj: Any, path: PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    writer = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _RecordingWriter(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
         _chmod_default(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        # torch.save reports a failed write (disk full, quota) as an opaque RuntimeError
+        cause = writer.error if writer is not None and writer.error else e
+        if isinstance(cause, OSError):
+            raise CheckpointWriteError(path, cause) from e
         raise
     _fsync_dir(path.parent)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, ...); the previous file is unchanged."""
+
+    def __init__(self, path: PathLike, cause: OSError):
+        reason = cause.strerror or str(cause)
+        super().__init__(f"{path}: could not write the checkpoint ({reason}); the previous "
+                         "file, if any, is unchanged")  # fmt: skip
+        self.errno = cause.errno
+
+
+class _RecordingWriter:
+    """File proxy for ``torch.save`` that remembers the first ``OSError`` of a write."""
+
+    def __init__(self, f: Any):
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def _chmod_default(path: PathLike) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..build import build_encoder
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, CheckpointWriteError
 from ..config import (
     ConfigError,
     EncoderSection,
@@ -363,6 +363,8 @@ def run(cfg: DepthConfig, resume: bool = False) -> dict:
         else:
             logger.warning("--resume: no %s in %s, starting from scratch", LAST, out)
     run_log = RunLogger(out, tensorboard=cfg.logging.tensorboard)
+    if step:
+        run_log.skip_logged()
     start = time.time()
     for epoch in range(start_epoch, o.epochs):
         generator.manual_seed(cfg.meta.seed * 1000 + epoch)  # same order after a resume
@@ -405,6 +407,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg, args = parse_config(DepthConfig, parser, argv)
     try:
         run(cfg, resume=args.resume)
-    except (ConfigError, DepthDataError, CheckpointError) as e:
+    except (ConfigError, DepthDataError, CheckpointError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

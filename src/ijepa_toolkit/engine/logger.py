@@ -36,18 +36,36 @@ class RunLogger:
         self.enabled = enabled
         self._tb = None
         self._file = None
+        self._logged: Optional[set] = None  # (step, key) pairs already in the file, on resume
         if enabled:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.folder / "log.jsonl", "a", buffering=1)
+            path = self.folder / "log.jsonl"
+            self._file = open(path, "a", buffering=1)
+            if _ends_mid_line(path):  # a kill during a write: start the next row on its own line
+                self._file.write("\n")
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(log_dir=str(self.folder / "tensorboard"))
 
+    def skip_logged(self) -> None:
+        """After a resume: do not write a (step, key) pair already in ``log.jsonl`` again.
+
+        A run killed after its last checkpoint logged the steps it then repeats on resume; those
+        rows stay (the file is never truncated) and the repeated values are dropped.
+        """
+        path = self.folder / "log.jsonl"
+        if self.enabled and path.is_file():
+            self._logged = {(r.get("step"), k) for r in read_jsonl(path) for k in r if k != "step"}
+
     def log(self, step: Optional[int] = None, **values: Any) -> None:
         """One row: ``{"step": step, **values}``; numeric values also go to tensorboard."""
         if not self.enabled:
             return
+        if self._logged and step is not None:
+            values = {k: v for k, v in values.items() if (step, k) not in self._logged}
+            if not values:
+                return
         row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         self._file.write(json.dumps(row) + "\n")
         if self._tb is not None and step is not None:
@@ -64,6 +82,14 @@ class RunLogger:
             self._tb = None
 
 
+def _ends_mid_line(path: Path) -> bool:
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 def _plain(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
         value = value.item()
@@ -73,9 +99,15 @@ def _plain(value: Any) -> Any:
 
 
 def read_jsonl(path: Union[str, Path]) -> list[dict]:
-    """All rows of a ``log.jsonl`` file."""
+    """All rows of a ``log.jsonl`` file; a partial row (a run killed mid-write) is skipped."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            try:
+                rows.append(json.loads(line)) if line.strip() else None
+            except json.JSONDecodeError:
+                logger.warning("%s: line %d is a partial row, skipped", path, n)
+    return rows
 
 
 def write_json_atomic(obj: Any, path: Union[str, Path]) -> Path:

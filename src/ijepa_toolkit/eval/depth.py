@@ -363,7 +363,7 @@ def run(cfg: DepthConfig, resume: bool = False) -> dict:
         else:
             logger.warning("--resume: no %s in %s, starting from scratch", LAST, out)
     run_log = RunLogger(out, tensorboard=cfg.logging.tensorboard)
-    if step:
+    if resume:
         run_log.skip_logged()
     start = time.time()
     for epoch in range(start_epoch, o.epochs):
@@ -372,7 +372,8 @@ def run(cfg: DepthConfig, resume: bool = False) -> dict:
                                            step, run_log)  # fmt: skip
         row = {"epoch": epoch + 1, "train_loss": train_loss}
         if cfg.eval.every and (epoch + 1) % cfg.eval.every == 0 and epoch + 1 < o.epochs:
-            row.update(evaluate(probe, test_loader, cfg, device).average())
+            metrics = evaluate(probe, test_loader, cfg, device).average()
+            row.update({f"test_{k}": v for k, v in metrics.items()})  # not the train "silog"
         run_log.log(step, **row)
         logger.info("epoch %d/%d: %s", epoch + 1, o.epochs,
                     ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))  # fmt: skip

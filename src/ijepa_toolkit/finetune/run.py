@@ -171,6 +171,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, eval_ckpt: Optional[str] = No
     run_log = RunLogger(folder, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard)
     state = TrainState()
     if resume:
+        run_log.skip_logged()
         if (folder / LAST).is_file():
             obj = load_training_state(folder / LAST, model, optimizer, scaler, rank=dist.rank)
             state = TrainState(obj["epoch"], obj["step"], obj["batch"], obj["best_top1"])

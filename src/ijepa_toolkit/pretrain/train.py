@@ -193,6 +193,7 @@ class Pretrainer:
         self.target_norm.load_state_dict(obj["target_norm"])
         self.epoch, self.step = int(obj["epoch"]), int(obj["step"])
         restore_rng_states(obj["rng"], self.dist.rank, self.ckpt_path)
+        self.log.skip_logged()
         logger.info("resumed from %s: epoch %d, step %d", self.ckpt_path, self.epoch, self.step)
 
     # -- one iteration ---------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""SIGKILL at random iterations, then ``--resume``: the same weights, metrics and log as an
+uninterrupted run; the log is only appended to, and no (step, key) is logged twice."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ijepa_toolkit.engine.logger import read_jsonl
+
+from .common import REPO, TIMEOUT, env
+
+
+def kill_after_rows(cmd: list, log: Path, rows: int) -> None:
+    """Run ``cmd`` and SIGKILL it once ``log`` holds at least ``rows`` lines."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + TIMEOUT
+    while not log.exists() or log.read_bytes().count(b"\n") < rows:
+        assert proc.poll() is None, f"the run ended before {rows} log rows"
+        assert time.time() < deadline
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def assert_resumed_run_equals_straight(straight: Path, killed: Path, model_key: str) -> None:
+    a = torch.load(straight / "checkpoint-last.pth", weights_only=True)
+    b = torch.load(killed / "checkpoint-last.pth", weights_only=True)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+    for k, v in a[model_key].items():
+        assert torch.equal(v, b[model_key][k]), k
+    ra = json.loads((straight / "results.json").read_text())
+    rb = json.loads((killed / "results.json").read_text())
+    assert ra["metrics"] == rb["metrics"]
+    rows_a, rows_b = read_jsonl(straight / "log.jsonl"), read_jsonl(killed / "log.jsonl")
+    pairs = [(r["step"], k) for r in rows_b for k in r if k != "step"]
+    assert len(pairs) == len(set(pairs)), "a step was logged twice"
+    assert rows_b == rows_a
+
+
+def test_depth_probe_killed_twice_at_random_iterations_resumes_exactly(tmp_path, depth_scenes):
+    cmd = [sys.executable, str(REPO / "depth_eval.py"), "--fname",
+           str(REPO / "configs/depth/tiny_synthetic.yaml"), f"data.root={depth_scenes}",
+           "logging.tensorboard=false", "logging.log_freq=1", "optimization.epochs=3",
+           "eval.visualisations=0", "eval.every=1"]  # fmt: skip
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([*cmd, f"logging.folder={straight}"], env=env(), check=True, timeout=TIMEOUT,
+                   capture_output=True)  # fmt: skip
+    total = len((straight / "log.jsonl").read_text().splitlines())  # 4 steps/epoch: 12 + 4 rows
+    rng = random.Random()
+    first = rng.randint(2, total // 2)
+    second = rng.randint(first + 1, total - 2)
+    log = killed / "log.jsonl"
+    kill_after_rows([*cmd, f"logging.folder={killed}"], log, first)
+    before = log.read_bytes()
+    kill_after_rows([*cmd, f"logging.folder={killed}", "--resume"], log, second)
+    assert log.read_bytes().startswith(before), "the log was truncated"
+    before = log.read_bytes()
+    subprocess.run([*cmd, f"logging.folder={killed}", "--resume"], env=env(), check=True,
+                   timeout=TIMEOUT, capture_output=True)  # fmt: skip
+    assert log.read_bytes().startswith(before), "the log was truncated"
+    assert_resumed_run_equals_straight(straight, killed, "model")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ijepa_toolkit.engine.logger import read_jsonl
+from ijepa_toolkit.engine.logger import RunLogger, read_jsonl
 
 from .common import REPO, TIMEOUT, env
 
@@ -67,3 +67,20 @@ def test_depth_probe_killed_twice_at_random_iterations_resumes_exactly(tmp_path,
                    timeout=TIMEOUT, capture_output=True)  # fmt: skip
     assert log.read_bytes().startswith(before), "the log was truncated"
     assert_resumed_run_equals_straight(straight, killed, "model")
+
+
+def test_row_cut_by_a_kill_is_skipped_and_the_log_goes_on(tmp_path, caplog):
+    log = RunLogger(tmp_path, tensorboard=False)
+    log.log(1, loss=0.5)
+    log.close()
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 2, "lo')  # SIGKILL in the middle of a row
+    log = RunLogger(tmp_path, tensorboard=False)
+    log.skip_logged()
+    log.log(1, loss=0.5, epoch=1)  # resumed: step 1's loss is already there
+    log.log(2, loss=0.25)
+    log.close()
+    assert read_jsonl(tmp_path / "log.jsonl") == [
+        {"step": 1, "loss": 0.5}, {"step": 1, "epoch": 1}, {"step": 2, "loss": 0.25}
+    ]  # fmt: skip
+    assert "line 2 is a partial row" in caplog.text

@@ -62,10 +62,14 @@ def knn_scores(
     ks = sorted(set(ks))
     max_k = min(ks[-1], n_total)
     out = {k: [] for k in ks}
+    buffer = None  # one (chunk, N_train) similarity block, reused: no page faults per chunk
     for start in range(0, test_feats.shape[0], chunk_size):
         test = F.normalize(test_feats[start : start + chunk_size].float().to(train.device), dim=1)
-        sims, idx = torch.mm(test, train.T).topk(min(max_k, n_train), dim=1, sorted=True)
-        neighbour_labels = labels[idx]
+        if buffer is None or buffer.shape[0] != test.shape[0]:
+            buffer = torch.empty(test.shape[0], n_train, device=train.device)
+        sims, idx = torch.mm(test, train.T, out=buffer).topk(min(max_k, n_train), sorted=False)
+        sims, order = sims.sort(dim=1, descending=True)  # sorting k << N_train values is cheap
+        neighbour_labels = labels[idx.gather(1, order)]
         if sharded:
             sims, neighbour_labels = _gather_candidates(sims, neighbour_labels, max_k)
         weights = torch.exp((sims - 1.0) / temperature)  # exp(sim/T) up to a constant factor

@@ -135,7 +135,6 @@ def run(cfg: LinprobeConfig) -> None:
         "selection": f"held-out {lp.held_out_fraction:g} of each training class",
     }  # fmt: skip
     dist_info = start_run(cfg, "linprobe", settings)
-    seed_everything(cfg.meta.seed, dist_info.rank)
     dev, world = dist_info.device, dist_info.world_size
     test = split_features(cfg, cfg.data.val_folder, dist_info)
     if lp.mode == "cached":
@@ -155,6 +154,7 @@ def run(cfg: LinprobeConfig) -> None:
         batches, steps = online_batches(cfg, fit_idx.tolist(), dist_info)
     check_same_classes(train, test)
     lrs = [b * opt.batch_size * world / 256 for b in opt.base_lrs]
+    seed_everything(cfg.meta.seed)  # heads start alike on every rank, cache hit or miss
     heads = make_heads(test.feats.shape[1], len(test.classes), len(lrs), lp.batchnorm).to(dev)
     optimizer = make_optimizer(heads, lrs, opt.optimizer, opt.momentum, opt.weight_decay)
     run_log = RunLogger(cfg.logging.folder, dist_info.is_main, cfg.logging.tensorboard)

@@ -26,7 +26,7 @@ from ijepa_toolkit.models.vit import EncoderArch, create_encoder
 @torch.no_grad()
 def reference_features(enc, images: torch.Tensor) -> torch.Tensor:
     """(B, D) mean of final-norm tokens, attention written out as in the official code."""
-    x = enc.patch_embed(images) + enc.pos_embed
+    x = enc.patch_embed.proj(images).flatten(2).transpose(1, 2) + enc.pos_embed
     for blk in enc.blocks:
         y = blk.norm1(x)
         b, n, c = y.shape

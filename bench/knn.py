@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=1024)
     args = p.parse_args()
     rng = np.random.default_rng(0)
-    centres = rng.standard_normal((args.classes, args.dim), dtype=np.float32) * 0.06
+    centres = rng.standard_normal((args.classes, args.dim), dtype=np.float32) * 0.2
     x_tr, y_tr = clustered(args.n_train, centres, rng)
     x_te, y_te = clustered(args.n_test, centres, rng)
     tr, te = torch.from_numpy(x_tr), torch.from_numpy(x_te)

@@ -144,6 +144,7 @@ def test_bad_input_is_one_error_line(setup, tmp_path, capsys):
         (knn_eval, [f"data.train_folder={tmp_path / 'empty'}"]),
         (logistic_eval, [f"subset.file={tmp_path / 'missing.txt'}"]),
         (knn_eval, ["features.layers=middle"]),
+        (knn_eval, ["data.val_folder="]),
     ):
         with pytest.raises(SystemExit) as err:
             module.main([*common, f"logging.folder={tmp_path / 'run'}", *extra])

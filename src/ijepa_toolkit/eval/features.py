@@ -90,8 +90,12 @@ def file_sha256(path: Union[str, Path]) -> str:
     return h.hexdigest()
 
 
-def checkpoint_digest(path: Union[str, Path], cache_dir: Union[str, Path]) -> str:
-    """SHA-256 of a checkpoint file, remembered by (path, size, mtime) so huge files hash once."""
+def checkpoint_digest(
+    path: Union[str, Path], cache_dir: Union[str, Path], remember: bool = True
+) -> str:
+    """SHA-256 of a checkpoint file, remembered by (path, size, mtime) so huge files hash once.
+
+    ``remember=False`` reads the memo but does not write it (ranks other than 0)."""
     path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -104,15 +108,18 @@ def checkpoint_digest(path: Union[str, Path], cache_dir: Union[str, Path]) -> st
     stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}"
     if stamp not in memo:
         memo[stamp] = file_sha256(path)
-        write_json_atomic(memo, memo_path)
+        if remember:
+            write_json_atomic(memo, memo_path)
     return memo[stamp]
 
 
-def model_identity(model: EncoderSection, seed: int, cache_dir: Union[str, Path]) -> dict:
+def model_identity(
+    model: EncoderSection, seed: int, cache_dir: Union[str, Path], remember: bool = True
+) -> dict:
     """What determines the encoder's weights: checkpoint content + options, or arch + seed."""
     opts = {"num_heads": model.num_heads, "pos_embed": model.pos_embed}
     if model.checkpoint:
-        digest = checkpoint_digest(model.checkpoint, cache_dir)
+        digest = checkpoint_digest(model.checkpoint, cache_dir, remember)
         return {"checkpoint_sha256": digest, "which": model.which, **opts}
     return {"random_init": model.arch, "seed": seed, **opts}
 
@@ -131,6 +138,8 @@ def build_eval_dataset(
     folder: str, data: EvalDataSection, indices: Optional[Sequence[int]] = None
 ) -> SafeImageFolder:
     """A ``SafeImageFolder`` with the evaluation transform, optionally restricted to ``indices``."""
+    if not folder:
+        raise ValueError("image folder not set: give data.train_folder and data.val_folder")
     tf = eval_transform(data.img_size, data.crop_ratio, data.mean, data.std)
     ds = SafeImageFolder(folder, transform=tf)
     if indices is not None:

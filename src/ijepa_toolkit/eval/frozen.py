@@ -44,6 +44,8 @@ def subset_indices(folder: str, subset: SubsetSection) -> Optional[list[int]]:
     """Indices into the ImageFolder ``folder`` of ``subset``; None for the whole folder."""
     if not subset.file and subset.per_class <= 0:
         return None
+    if not folder:
+        raise ValueError("image folder not set: give data.train_folder")
     ds = SafeImageFolder(folder)
     if subset.file:
         names = read_subset_file(subset.file)
@@ -56,7 +58,7 @@ def split_features(
 ) -> FeatureSet:
     """Cached features of ``folder`` (restricted to ``indices``) for the config's encoder."""
     dataset = build_eval_dataset(folder, cfg.data, indices)
-    identity = model_identity(cfg.model, cfg.meta.seed, cfg.features.cache_dir)
+    identity = model_identity(cfg.model, cfg.meta.seed, cfg.features.cache_dir, dist_info.is_main)
 
     def make_encoder() -> torch.nn.Module:
         torch.manual_seed(cfg.meta.seed)  # a random init depends on the seed only

@@ -55,14 +55,11 @@ def cache_entries(root: Path) -> dict:
 
 
 def cached(root: Path, results: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The cached (features, labels) a run used, found by its logged key."""
+    """The cached (features, labels) a run used, found by layers and image count."""
+    n = results["settings"]["n_train" if split == "train" else "n_test"]
     for entry in (root / "cache").iterdir():
-        meta = entry / "meta.json"
-        if (
-            meta.is_file()
-            and json.loads(meta.read_text())["dataset"]["num_samples"]
-            == (results["settings"]["n_train" if split == "train" else "n_test"])
-        ):
+        meta = json.loads((entry / "meta.json").read_text()) if entry.is_dir() else {}
+        if meta.get("layers") == results["features"] and meta["dataset"]["num_samples"] == n:
             return np.load(entry / "features.npy"), np.load(entry / "labels.npy")
     raise AssertionError(f"no cached {split} features")
 
@@ -107,6 +104,19 @@ def test_protocols_share_one_extraction(setup):
     assert 1.0 <= res_rank["metrics"]["rankme"] <= 64 and res_rank["metrics"]["lidar"] >= 1.0
     for name in ("knn_first", "lin", "rank"):
         assert (root / name / "config.yaml").is_file() and (root / name / "log.jsonl").is_file()
+
+
+def test_linprobe_concat4_and_online_modes(setup):
+    root, common = setup
+    quick = ["optimization.epochs=1", "optimization.base_lrs=[0.1]", "optimization.batch_size=64"]
+    c4 = run(main_linprobe, root, common, "lin_c4", *quick, "features.layers=concat4",
+             "optimization.optimizer=sgd")  # fmt: skip
+    assert c4["features"] == "concat4" and c4["settings"]["optimizer"] == "sgd"
+    x, _ = cached(root, c4, "test")
+    assert x.shape[1] == 4 * 64  # 4 blocks of the width-64 fixture
+    online = run(main_linprobe, root, common, "lin_online", *quick, "linprobe.mode=online")
+    assert online["settings"]["mode"].startswith("online")
+    assert online["settings"]["n_held_out"] + online["settings"]["n_fit"] == 1347
 
 
 def test_logistic_equals_direct_cyanure_and_sklearn_agrees(setup):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ijepa_toolkit.eval.knn import knn_scores, topk_accuracy
+from ijepa_toolkit.eval.knn import knn_scores, top_k, topk_accuracy
 from ijepa_toolkit.eval.rank import lidar, rankme
 
 
@@ -63,6 +63,19 @@ def test_knn_matches_brute_force():
         assert (got[k].argmax(1).numpy() == ref.argmax(1)).all()
         scaled = ref * np.exp(-1 / 0.07)
         np.testing.assert_allclose(got[k].numpy(), scaled, rtol=1e-4)
+
+
+@pytest.mark.parametrize("n", [16 * 4 * 50, 16 * 4 * 50 + 7])
+def test_pruned_top_k_is_exact(n):
+    torch.manual_seed(0)
+    sims = torch.randn(32, n)
+    sims[3, -2] = 50.0  # a winner in the ragged tail (or the last group)
+    sims[5] = sims[5].sort().values  # sorted rows: all winners in the last columns
+    values, idx = top_k(sims, 50)
+    ref = sims.topk(50, dim=1).values
+    torch.testing.assert_close(values.sort(dim=1, descending=True).values, ref, rtol=0, atol=0)
+    torch.testing.assert_close(sims.gather(1, idx), values, rtol=0, atol=0)
+    assert (idx.sort(dim=1).values.diff(dim=1) > 0).all()  # distinct columns
 
 
 def test_topk_accuracy():

@@ -1,69 +1,139 @@
-"""``make demo``: the toolkit end to end on data that ships with the install (no downloads).
+"""``make demo``: the whole toolkit on real images that ship with the install (no downloads).
 
-Loads the official-format fixture checkpoint, checks it against the official model's stored
-outputs, then extracts frozen features of scikit-learn's digits and prints a kNN accuracy.
+1. scikit-learn's digits as a 32x32 ImageFolder (stratified train/val) and rendered depth scenes;
+2. a tiny I-JEPA pretrained on the training digits (``configs/demo/pretrain.yaml``);
+3. kNN, logistic regression and a linear probe on it and on the same architecture at random init;
+4. finetuning of both; 5. the depth probe on both;
+6. one Markdown table (protocol x {pretrained, random init}) and PNGs in ``runs/demo/``.
+
+Each step is a standalone command (printed before it runs). A step whose ``results.json``
+exists is reused, so a second run only rebuilds the table; ``--fresh`` reruns everything.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from sklearn.neighbors import KNeighborsClassifier
-from torch.utils.data import DataLoader
-
-from .checkpoint import inspect_checkpoint, load_encoder
-from .data.digits import build_digits_imagefolder
-from .data.folder import SafeImageFolder, collate_skip_none
-from .data.transforms import eval_transform
-from .engine.logger import setup_console_logging
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURE = REPO / "tests" / "fixtures" / "ijepa_vit_p8_d64.pth.tar"
-EXPECTED = REPO / "tests" / "fixtures" / "ijepa_vit_p8_d64_expected.pt"
+OUT = Path("runs/demo")
+CHECKPOINT = OUT / "pretrain" / "checkpoint-last.pth"
 
 
-@torch.inference_mode()
-def features(
-    model: torch.nn.Module, folder: Path, img_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, D) pooled features and (N,) labels of an image folder."""
-    ds = SafeImageFolder(folder, transform=eval_transform(img_size, crop_ratio=1.0))
-    feats, labels = [], []
-    for images, targets in DataLoader(ds, batch_size=256, collate_fn=collate_skip_none):
-        feats.append(model(images))
-        labels.append(targets)
-    return torch.cat(feats), torch.cat(labels)
+@dataclass
+class Row:
+    """One table row: an entrypoint and config, run for the pretrained and the random encoder."""
+
+    label: str
+    metric: str  # dotted key into results.json
+    unit: str
+    script: str
+    config: str
+    folder: str  # under runs/demo
+    higher_is_better: bool = True
+
+
+ROWS = [
+    Row("kNN (k=20, T=0.07)", "metrics.top1@k20", "top-1 %", "knn_eval.py", "knn", "knn"),
+    Row("logistic regression (cyanure)", "metrics.top1", "top-1 %", "logistic_eval.py",
+        "logistic", "logistic"),
+    Row("linear probe (BN + linear, LARS)", "metrics.top1", "top-1 %", "main_linprobe.py",
+        "linprobe", "linprobe"),
+    Row("finetuning (4 epochs)", "metrics.top1", "top-1 %", "main_finetuning.py", "finetune",
+        "finetune"),
+    Row("depth probe (rendered scenes)", "metrics.rmse", "RMSE m", "depth_eval.py", "depth",
+        "depth", higher_is_better=False),
+]  # fmt: skip
+ENCODERS = {
+    "pretrained": [f"model.checkpoint={CHECKPOINT}"],
+    "random init": ["model.checkpoint=null"],
+}
+
+
+def run(cmd: list[str], env: dict) -> None:
+    """Print and run one step from the repository root; stop the demo if it fails."""
+    shown = " ".join(["python", *cmd[1:]])
+    print(f"\n$ {shown}", flush=True)
+    start = time.time()
+    if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
+        sys.exit(f"demo: step failed: {shown}")
+    print(f"  ({time.time() - start:.1f}s)", flush=True)
+
+
+def done(folder: Path) -> bool:
+    return (REPO / folder / "results.json").is_file()
+
+
+def metric(folder: Path, key: str) -> Optional[float]:
+    path = REPO / folder / "results.json"
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text())
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def table() -> str:
+    """Markdown table of every row for both encoders, best of each row in bold."""
+    lines = [
+        "| protocol | metric | pretrained I-JEPA | random init |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in ROWS:
+        values = [metric(OUT / row.folder / k.replace(" ", "_"), row.metric) for k in ENCODERS]
+        cells = [f"{v:.2f}" if v is not None else "—" for v in values]
+        if None not in values and values[0] != values[1]:
+            best = values.index(max(values) if row.higher_is_better else min(values))
+            cells[best] = f"**{cells[best]}**"
+        lines.append(f"| {row.label} | {row.unit} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", default="runs/demo", help="run folder (data cached inside)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fresh", action="store_true", help="rerun every step (keeps the data)")
     args = parser.parse_args(argv)
-    setup_console_logging()
     start = time.time()
-    out = Path(args.out)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    py = sys.executable
+    if args.fresh:
+        for sub in ("pretrain", "plots", "cache", *(r.folder for r in ROWS)):
+            shutil.rmtree(REPO / OUT / sub, ignore_errors=True)
 
-    info = inspect_checkpoint(FIXTURE)
-    print(f"1. {FIXTURE.name}: format={info['format']} epoch={info['epoch']} "
-          f"sub-models={list(info['submodels'])}")  # fmt: skip
-    encoder = load_encoder(FIXTURE, num_heads=4)
-    expected = torch.load(EXPECTED, weights_only=True)
-    with torch.inference_mode():
-        diff = encoder.forward_features(expected["input"]) - expected["target_encoder_tokens"]
-    print(f"2. parity with the official model code: max |diff| = {diff.abs().max():.2e}")
+    data = OUT / "data"
+    run([py, "-m", "ijepa_toolkit.data.digits", str(data / "digits"), "--size", "32"], env)
+    if not (REPO / data / "synthetic_depth" / "nyu_test.txt").is_file():
+        run([py, "-m", "ijepa_toolkit.data.synthetic_depth", str(data / "synthetic_depth")], env)
+    if not done(OUT / "pretrain"):
+        run([py, "main_pretrain.py", "--fname", "configs/demo/pretrain.yaml"], env)
+    for row in ROWS:
+        for name, overrides in ENCODERS.items():
+            folder = OUT / row.folder / name.replace(" ", "_")
+            if not done(folder):
+                cmd = [py, row.script, "--fname", f"configs/demo/{row.config}.yaml",
+                       *overrides, f"logging.folder={folder}"]  # fmt: skip
+                run(cmd, env)
+    plots = OUT / "plots"
+    run([py, "visualize.py", "masks", "--fname", "configs/demo/pretrain.yaml", "--steps", "1",
+         "--images", "8", "--out", str(plots)], env)  # fmt: skip
+    run([py, "visualize.py", "pca", "--fname", "configs/demo/visualize.yaml"], env)
+    run([py, "visualize.py", "curve", str(OUT / "pretrain" / "log.jsonl"), "loss",
+         str(plots / "pretrain_loss.png")], env)  # fmt: skip
 
-    train, val = build_digits_imagefolder(out / "data" / "digits", size=32)
-    results = {}
-    for name, model in (("fixture target_encoder", encoder),):
-        x_tr, y_tr = features(model, train, 32)
-        x_va, y_va = features(model, val, 32)
-        knn = KNeighborsClassifier(n_neighbors=20, metric="cosine").fit(x_tr, y_tr)
-        results[name] = 100.0 * knn.score(x_va, y_va)
-        print(f"3. digits features {tuple(x_tr.shape)} -> kNN(k=20) top-1 {results[name]:.1f}%")
-    print(f"done in {time.time() - start:.1f}s (random fixture weights: accuracy is only a check)")
+    text = table()
+    (REPO / OUT / "table.md").write_text(text + "\n")
+    print(f"\n{text}\n")
+    print(f"wrote {OUT}/table.md and {plots}/: pretrain_loss.png, masks_step0.png, pca.png")
+    print(f"demo finished in {time.time() - start:.0f}s")
 
 
 if __name__ == "__main__":

@@ -285,7 +285,56 @@ def masks(argv: Optional[Sequence[str]] = None) -> list[Path]:
     return paths
 
 
-COMMANDS = {"masks": masks, "pca": pca, "losses": losses}
+def line_plot(
+    values: Sequence[float], title: str, size: tuple[int, int] = (480, 300)
+) -> Image.Image:
+    """A white PNG with ``values`` as a polyline over their index, min/max labelled."""
+    from PIL import ImageDraw
+
+    w, h = size
+    left, right, top, bottom = 60, 10, 24, 24
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    n = max(len(values) - 1, 1)
+    points = [
+        (left + (w - left - right) * i / n, top + (h - top - bottom) * (hi - v) / span)
+        for i, v in enumerate(values)
+    ]
+    draw.rectangle([left, top, w - right, h - bottom], outline=(160, 160, 160))
+    draw.line(points, fill=(31, 119, 180), width=2)
+    draw.text((left, 4), title, fill="black")
+    draw.text((4, top), f"{hi:.4g}", fill="black")
+    draw.text((4, h - bottom - 12), f"{lo:.4g}", fill="black")
+    draw.text((w - right - 80, h - bottom + 6), f"{len(values)} points", fill="black")
+    return img
+
+
+def curve(argv: Optional[Sequence[str]] = None) -> Path:
+    """``visualize.py curve LOG.jsonl KEY OUT.png``: a metric of a run's log over its rows."""
+    import argparse
+
+    from .engine.logger import read_jsonl
+
+    parser = argparse.ArgumentParser(description="plot one metric of a log.jsonl")
+    parser.add_argument("log")
+    parser.add_argument("key")
+    parser.add_argument("out")
+    args = parser.parse_args(argv)
+    values = [
+        r[args.key] for r in read_jsonl(args.log) if isinstance(r.get(args.key), (int, float))
+    ]
+    if not values:
+        raise ValueError(f"{args.log}: no numeric '{args.key}' values")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    line_plot(values, f"{args.key} ({Path(args.log).parent.name})").save(out)
+    print(f"{out}: {len(values)} values of {args.key}, {values[0]:.4g} -> {values[-1]:.4g}")
+    return out
+
+
+COMMANDS = {"masks": masks, "pca": pca, "losses": losses, "curve": curve}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -53,3 +53,17 @@ def build_digits_imagefolder(
             img.convert("RGB").save(root / split / str(labels[i]) / f"digit_{i:04d}.png")
     marker.write_text(json.dumps(settings))
     return root / "train", root / "val"
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write scikit-learn's digits as an ImageFolder")
+    parser.add_argument("root", help="folder to write root/train/<digit>/ and root/val/<digit>/")
+    parser.add_argument("--size", type=int, default=32, help="side of the upscaled RGB images (px)")
+    parser.add_argument("--val-fraction", type=float, default=0.25)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    train, val = build_digits_imagefolder(args.root, args.size, args.val_fraction, args.seed)
+    print(f"{train}: {sum(1 for _ in train.rglob('*.png'))} images, "
+          f"{val}: {sum(1 for _ in val.rglob('*.png'))} images")  # fmt: skip

@@ -8,7 +8,13 @@ the class samples.
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
+from torch.utils.data import Dataset
+
+from ..engine.utils import autocast
+from ..models.heads import pooled_features
 
 
 def smooth_rank(values: torch.Tensor, eps: float) -> float:
@@ -44,3 +50,35 @@ def lidar(feats: torch.Tensor, delta: float = 1e-4, eps: float = 1e-8) -> float:
     inv_sqrt = evecs @ torch.diag(evals.clamp_min(1e-12).rsqrt()) @ evecs.T
     lda = inv_sqrt @ between @ inv_sqrt
     return smooth_rank(torch.linalg.eigvalsh(lda).clamp_min(0), eps)
+
+
+@torch.inference_mode()
+def view_features(
+    encoder: torch.nn.Module,
+    dataset: Dataset,
+    indices: Sequence[int],
+    num_views: int,
+    pool: str = "avg",
+    device: Optional[torch.device] = None,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """(n, num_views, D) pooled features of ``num_views`` draws of each image ``dataset[i]``,
+    ``i`` in ``indices`` (n of them): the input of ``lidar`` when ``dataset`` augments randomly.
+    Unreadable images (``None`` items) are left out."""
+    device = device or torch.device("cpu")
+    encoder = encoder.to(device).eval()
+    out = []
+    for i in indices:
+        views = [dataset[int(i)] for _ in range(num_views)]
+        if any(v is None for v in views):
+            continue
+        images = torch.stack([v[0] for v in views])
+        feats = []
+        for start in range(0, num_views, batch_size):
+            with autocast(device):
+                x = images[start : start + batch_size].to(device)
+                feats.append(pooled_features(encoder, x, pool).float().cpu())
+        out.append(torch.cat(feats))
+    if not out:
+        raise ValueError("view_features: none of the images could be read")
+    return torch.stack(out)

@@ -1,0 +1,188 @@
+"""Linear probes on frozen features: one head per learning rate, all trained in one pass
+(DINOv2 style), the reported head picked on a held-out part of the training set.
+
+    python main_linprobe.py --fname configs/linprobe/digits.yaml [section.key=value ...]
+    python main_linprobe.py --fname ... linprobe.mode=online   # images + augmentation each step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision import transforms
+
+from ijepa_toolkit.build import build_encoder
+from ijepa_toolkit.config import (
+    EncoderSection,
+    LoggingSection,
+    MetaSection,
+    config_parser,
+    parse_config,
+)
+from ijepa_toolkit.data.folder import SafeImageFolder, collate_skip_none
+from ijepa_toolkit.engine.logger import RunLogger
+from ijepa_toolkit.engine.utils import autocast, seed_everything
+from ijepa_toolkit.eval.features import LAYERS, EvalDataSection, FeaturesSection
+from ijepa_toolkit.eval.frozen import (
+    check_same_classes,
+    finish_run,
+    run_cli,
+    split_features,
+    start_run,
+)
+from ijepa_toolkit.eval.linear import evaluate_heads, make_heads, make_optimizer, train_heads
+from ijepa_toolkit.eval.logistic import held_out_split
+from ijepa_toolkit.models.heads import pooled_features
+
+
+@dataclass
+class LinprobeSection:
+    mode: str = "cached"  # cached: cached eval-transform features | online: augmented images
+    batchnorm: bool = True  # BatchNorm1d(affine=False) before the linear layer (MAE)
+    held_out_fraction: float = 0.1  # of each training class, to pick the learning rate
+
+
+@dataclass
+class OptimizationSection:
+    optimizer: str = "lars"  # lars (MAE) | sgd
+    base_lrs: list[float] = dataclasses.field(
+        default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+    )  # lr = base_lr * global batch / 256
+    batch_size: int = 256  # per rank
+    epochs: int = 90
+    warmup_epochs: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+
+@dataclass
+class LinprobeConfig:
+    meta: MetaSection = dataclasses.field(default_factory=MetaSection)
+    data: EvalDataSection = dataclasses.field(default_factory=EvalDataSection)
+    model: EncoderSection = dataclasses.field(default_factory=EncoderSection)
+    features: FeaturesSection = dataclasses.field(default_factory=FeaturesSection)
+    linprobe: LinprobeSection = dataclasses.field(default_factory=LinprobeSection)
+    optimization: OptimizationSection = dataclasses.field(default_factory=OptimizationSection)
+    logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+
+
+def cached_batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
+                   rank: int, world: int):  # fmt: skip
+    """``batches(epoch)``: a seeded shuffle per epoch, this rank's equal share, full batches."""
+    per_rank = len(labels) // world
+    steps = max(1, per_rank // batch_size)
+
+    def batches(epoch: int):
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)
+        mine = torch.randperm(len(labels), generator=g)[rank * per_rank : (rank + 1) * per_rank]
+        for i in range(steps):
+            idx = mine[i * batch_size : (i + 1) * batch_size].to(feats.device)
+            yield feats[idx], labels[idx]
+
+    return batches, steps
+
+
+def online_batches(cfg: LinprobeConfig, indices: list, dist_info):
+    """``batches(epoch)`` of frozen-encoder features of augmented training images (MAE linprobe
+    augmentation: RandomResizedCrop bicubic + horizontal flip)."""
+    d = cfg.data
+    bicubic = transforms.InterpolationMode.BICUBIC
+    tf = transforms.Compose([
+        transforms.RandomResizedCrop(d.img_size, interpolation=bicubic),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(d.mean, d.std),
+    ])  # fmt: skip
+    ds = torch.utils.data.Subset(SafeImageFolder(d.train_folder, transform=tf), indices)
+    sampler = DistributedSampler(ds, dist_info.world_size, dist_info.rank, seed=cfg.meta.seed,
+                                 drop_last=True)  # fmt: skip
+    loader = DataLoader(ds, batch_size=cfg.optimization.batch_size, sampler=sampler,
+                        num_workers=d.num_workers, collate_fn=collate_skip_none,
+                        drop_last=len(sampler) >= cfg.optimization.batch_size)  # fmt: skip
+    torch.manual_seed(cfg.meta.seed)
+    encoder = build_encoder(cfg.model).to(dist_info.device).eval()
+    pool = LAYERS[cfg.features.layers]
+
+    def batches(epoch: int):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            if batch is None:
+                continue
+            images, labels = batch
+            with torch.no_grad(), autocast(dist_info.device, cfg.meta.use_bfloat16):
+                feats = pooled_features(encoder, images.to(dist_info.device), pool)
+            yield feats.float(), labels.to(dist_info.device)
+
+    return batches, len(loader)
+
+
+def run(cfg: LinprobeConfig) -> None:
+    opt, lp = cfg.optimization, cfg.linprobe
+    mode = {"cached": "cached eval-transform features",
+            "online": "online: RandomResizedCrop + flip each step"}  # fmt: skip
+    if lp.mode not in mode:
+        raise ValueError(f"linprobe.mode must be one of {list(mode)}, got {lp.mode!r}")
+    settings = {
+        "mode": mode[lp.mode], "head": ("BatchNorm1d(affine=False) + " if lp.batchnorm else "")
+        + "Linear", "optimizer": opt.optimizer, "base_lrs": opt.base_lrs,
+        "lr_rule": "base_lr * global_batch / 256", "schedule": "linear warmup + cosine",
+        "epochs": opt.epochs, "warmup_epochs": opt.warmup_epochs, "momentum": opt.momentum,
+        "weight_decay": opt.weight_decay, "layers": cfg.features.layers,
+        "selection": f"held-out {lp.held_out_fraction:g} of each training class",
+    }  # fmt: skip
+    dist_info = start_run(cfg, "linprobe", settings)
+    dev, world = dist_info.device, dist_info.world_size
+    test = split_features(cfg, cfg.data.val_folder, dist_info)
+    if lp.mode == "cached":
+        train = split_features(cfg, cfg.data.train_folder, dist_info)
+        fit_idx, held_idx = held_out_split(train.labels, lp.held_out_fraction, cfg.meta.seed)
+        x = torch.from_numpy(np.array(train.feats)).to(dev)
+        y = torch.from_numpy(train.labels).to(dev)
+        x_held, y_held = x[held_idx], y[held_idx]
+        batches, steps = cached_batches(x[fit_idx], y[fit_idx], opt.batch_size, cfg.meta.seed,
+                                        dist_info.rank, world)  # fmt: skip
+    else:
+        targets = np.asarray(SafeImageFolder(cfg.data.train_folder).targets)
+        fit_idx, held_idx = held_out_split(targets, lp.held_out_fraction, cfg.meta.seed)
+        train = split_features(cfg, cfg.data.train_folder, dist_info, held_idx.tolist())
+        x_held = torch.from_numpy(np.array(train.feats)).to(dev)
+        y_held = torch.from_numpy(train.labels).to(dev)
+        batches, steps = online_batches(cfg, fit_idx.tolist(), dist_info)
+    check_same_classes(train, test)
+    lrs = [b * opt.batch_size * world / 256 for b in opt.base_lrs]
+    seed_everything(cfg.meta.seed)  # heads start alike on every rank, cache hit or miss
+    heads = make_heads(test.feats.shape[1], len(test.classes), len(lrs), lp.batchnorm).to(dev)
+    optimizer = make_optimizer(heads, lrs, opt.optimizer, opt.momentum, opt.weight_decay)
+    run_log = RunLogger(cfg.logging.folder, dist_info.is_main, cfg.logging.tensorboard)
+
+    def on_epoch(epoch: int, losses: list) -> None:
+        run_log.log(step=epoch, **{f"loss/lr{lr:g}": v for lr, v in zip(lrs, losses)})
+
+    train_heads(heads, optimizer, batches, opt.epochs, steps, opt.warmup_epochs, dist_info,
+                on_epoch)  # fmt: skip
+    run_log.close()
+    held = evaluate_heads(heads, x_held, y_held)
+    best = max(range(len(lrs)), key=lambda i: (held[i][1], -i))
+    x_test = torch.from_numpy(np.array(test.feats)).to(dev)
+    acc = evaluate_heads(heads[best : best + 1], x_test, torch.from_numpy(test.labels).to(dev))[0]
+    settings.update(
+        lrs=lrs, global_batch=opt.batch_size * world, held_out_top1={
+            f"{lr:g}": h[1] for lr, h in zip(lrs, held)}, lr_selected=lrs[best],
+        n_fit=len(fit_idx), n_held_out=len(y_held), n_test=len(test.labels),
+        feature_cache=str(test.path.parent), cache_reused={"train": train.reused,
+                                                            "test": test.reused},
+    )  # fmt: skip
+    finish_run(cfg, dist_info, "linprobe", {"top1": acc[1], "top5": acc[5]}, settings)
+
+
+def main(argv=None) -> None:
+    cfg, _ = parse_config(LinprobeConfig, config_parser(__doc__), argv)
+    run_cli(lambda: run(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Linear probes over a learning-rate grid, all trained in one pass over the data (DINOv2 style).
+
+One ``LinearHead`` (optionally ``BatchNorm1d(affine=False)`` first, as MAE) per learning rate;
+each batch of features goes through every head and the summed loss trains them all at once (the
+heads share no parameters, so each gets exactly its own gradient). Learning rates are
+``base_lr * global_batch / 256`` with a linear warmup then a cosine decay per step. The head to
+report is picked on a held-out part of the training set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..engine.distributed import DistInfo, all_reduce_sum
+from ..models.heads import LinearHead
+from .knn import topk_accuracy
+
+logger = logging.getLogger("ijepa_toolkit")
+OPTIMIZERS = ("sgd", "lars")
+
+
+def make_heads(in_dim: int, num_classes: int, n: int, batchnorm: bool) -> nn.ModuleList:
+    """``n`` independent linear heads (MAE init: weights ~ trunc-normal std 0.01, zero bias)."""
+    return nn.ModuleList(LinearHead(in_dim, num_classes, batchnorm) for _ in range(n))
+
+
+def make_optimizer(
+    heads: nn.ModuleList, lrs: Sequence[float], name: str, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """One parameter group per head with its own learning rate; SGD or LARS (timm)."""
+    groups = [
+        {"params": list(h.parameters()), "lr": lr, "base_lr": lr} for h, lr in zip(heads, lrs)
+    ]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
+    if name == "lars":
+        from timm.optim import Lars
+
+        return Lars(groups, lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"optimization.optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def cosine_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then a half cosine to 0 at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_heads(
+    heads: nn.ModuleList,
+    optimizer: torch.optim.Optimizer,
+    batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float,
+    dist_info: DistInfo,
+    on_epoch: Callable[[int, list[float]], None] = lambda epoch, losses: None,
+) -> None:
+    """Train every head on ``batches(epoch)`` ((B, D) features, (B,) labels per step).
+
+    Under torch.distributed the gradients are averaged over ranks (each rank its own batches).
+    ``on_epoch(epoch, mean loss per head)`` is called after each epoch.
+    """
+    criterion = nn.CrossEntropyLoss()
+    total, warmup = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
+    step = 0
+    heads.train()
+    for epoch in range(epochs):
+        sums = torch.zeros(len(heads), dtype=torch.float64)
+        count = 0
+        for feats, labels in batches(epoch):
+            factor = cosine_factor(step, total, warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            losses = torch.stack([criterion(h(feats), labels) for h in heads])
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            if dist_info.distributed:
+                for p in heads.parameters():
+                    all_reduce_sum(p.grad).div_(dist_info.world_size)
+            optimizer.step()
+            sums += losses.detach().double().cpu()
+            count += 1
+            step += 1
+        on_epoch(epoch, (sums / max(count, 1)).tolist())
+    heads.eval()
+
+
+@torch.no_grad()
+def evaluate_heads(
+    heads: nn.ModuleList, feats: torch.Tensor, labels: torch.Tensor, batch_size: int = 4096
+) -> list[dict]:
+    """``{1: top-1 %, 5: top-5 %}`` of each head on (N, D) features and (N,) labels."""
+    heads.eval()
+    scores = [[] for _ in heads]
+    for start in range(0, len(feats), batch_size):
+        x = feats[start : start + batch_size]
+        for i, h in enumerate(heads):
+            scores[i].append(h(x))
+    return [topk_accuracy(torch.cat(s), labels, (1, 5)) for s in scores]

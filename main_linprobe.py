@@ -3,12 +3,15 @@
 
     python main_linprobe.py --fname configs/linprobe/digits.yaml [section.key=value ...]
     python main_linprobe.py --fname ... linprobe.mode=online   # images + augmentation each step
+    python main_linprobe.py --fname ... --resume   # continue from logging.folder's checkpoint
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,6 +28,7 @@ from ijepa_toolkit.config import (
 )
 from ijepa_toolkit.data.folder import SafeImageFolder, collate_skip_none
 from ijepa_toolkit.engine.logger import RunLogger
+from ijepa_toolkit.engine.resume import LAST, load_training_state, save_training_state
 from ijepa_toolkit.engine.utils import autocast, seed_everything
 from ijepa_toolkit.eval.features import LAYERS, EvalDataSection, FeaturesSection
 from ijepa_toolkit.eval.frozen import (
@@ -37,6 +41,8 @@ from ijepa_toolkit.eval.frozen import (
 from ijepa_toolkit.eval.linear import evaluate_heads, make_heads, make_optimizer, train_heads
 from ijepa_toolkit.eval.logistic import held_out_split
 from ijepa_toolkit.models.heads import pooled_features
+
+logger = logging.getLogger("ijepa_toolkit")
 
 
 @dataclass
@@ -120,7 +126,7 @@ def online_batches(cfg: LinprobeConfig, indices: list, dist_info):
     return batches, len(loader)
 
 
-def run(cfg: LinprobeConfig) -> None:
+def run(cfg: LinprobeConfig, resume: bool = False) -> None:
     opt, lp = cfg.optimization, cfg.linprobe
     mode = {"cached": "cached eval-transform features",
             "online": "online: RandomResizedCrop + flip each step"}  # fmt: skip
@@ -158,12 +164,23 @@ def run(cfg: LinprobeConfig) -> None:
     heads = make_heads(test.feats.shape[1], len(test.classes), len(lrs), lp.batchnorm).to(dev)
     optimizer = make_optimizer(heads, lrs, opt.optimizer, opt.momentum, opt.weight_decay)
     run_log = RunLogger(cfg.logging.folder, dist_info.is_main, cfg.logging.tensorboard)
+    last, start_epoch = Path(cfg.logging.folder) / LAST, 0
+    if resume:
+        run_log.skip_logged()
+        if last.is_file():
+            start_epoch = int(
+                load_training_state(last, heads, optimizer, rank=dist_info.rank)["epoch"]
+            )
+        else:
+            logger.warning("--resume: no %s; starting from scratch", last)
 
     def on_epoch(epoch: int, losses: list) -> None:
         run_log.log(step=epoch, **{f"loss/lr{lr:g}": v for lr, v in zip(lrs, losses)})
+        save_training_state(last, model=heads, optimizer=optimizer, epoch=epoch + 1,
+                            step=(epoch + 1) * steps, is_main=dist_info.is_main)  # fmt: skip
 
     train_heads(heads, optimizer, batches, opt.epochs, steps, opt.warmup_epochs, dist_info,
-                on_epoch)  # fmt: skip
+                on_epoch, start_epoch)  # fmt: skip
     run_log.close()
     held = evaluate_heads(heads, x_held, y_held)
     best = max(range(len(lrs)), key=lambda i: (held[i][1], -i))
@@ -180,8 +197,12 @@ def run(cfg: LinprobeConfig) -> None:
 
 
 def main(argv=None) -> None:
-    cfg, _ = parse_config(LinprobeConfig, config_parser(__doc__), argv)
-    run_cli(lambda: run(cfg))
+    parser = config_parser(__doc__)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from logging.folder/checkpoint-last.pth"
+    )
+    cfg, args = parse_config(LinprobeConfig, parser, argv)
+    run_cli(lambda: run(cfg, resume=args.resume))
 
 
 if __name__ == "__main__":

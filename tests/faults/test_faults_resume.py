@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ijepa_toolkit.data.digits import build_digits_imagefolder
 from ijepa_toolkit.engine.logger import RunLogger, read_jsonl
 
 from .common import REPO, TIMEOUT, env
@@ -84,3 +85,25 @@ def test_row_cut_by_a_kill_is_skipped_and_the_log_goes_on(tmp_path, caplog):
         {"step": 1, "loss": 0.5}, {"step": 1, "epoch": 1}, {"step": 2, "loss": 0.25}
     ]  # fmt: skip
     assert "line 2 is a partial row" in caplog.text
+
+
+def test_linear_probe_killed_at_a_random_epoch_resumes_exactly(tmp_path):
+
+    train, val = build_digits_imagefolder(tmp_path / "digits", size=32, per_class=30)
+    cmd = [sys.executable, str(REPO / "main_linprobe.py"), "--fname",
+           str(REPO / "configs/linprobe/digits.yaml"), f"data.train_folder={train}",
+           f"data.val_folder={val}", "meta.device=cpu", f"model.checkpoint={REPO}/tests/"
+           "fixtures/ijepa_vit_p8_d64.pth.tar", f"features.cache_dir={tmp_path / 'cache'}",
+           "logging.tensorboard=false", "optimization.epochs=40", "optimization.batch_size=32",
+           "optimization.warmup_epochs=3"]  # fmt: skip
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([*cmd, f"logging.folder={straight}"], env=env(), check=True, timeout=TIMEOUT,
+                   capture_output=True)  # fmt: skip
+    log = killed / "log.jsonl"
+    kill_after_rows([*cmd, f"logging.folder={killed}"], log, random.randint(1, 20))
+    assert not (killed / "results.json").exists()
+    before = log.read_bytes()
+    subprocess.run([*cmd, f"logging.folder={killed}", "--resume"], env=env(), check=True,
+                   timeout=TIMEOUT, capture_output=True)  # fmt: skip
+    assert log.read_bytes().startswith(before), "the log was truncated"
+    assert_resumed_run_equals_straight(straight, killed, "model")

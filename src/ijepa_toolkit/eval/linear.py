@@ -61,17 +61,19 @@ def train_heads(
     warmup_epochs: float,
     dist_info: DistInfo,
     on_epoch: Callable[[int, list[float]], None] = lambda epoch, losses: None,
+    start_epoch: int = 0,
 ) -> None:
     """Train every head on ``batches(epoch)`` ((B, D) features, (B,) labels per step).
 
     Under torch.distributed the gradients are averaged over ranks (each rank its own batches).
-    ``on_epoch(epoch, mean loss per head)`` is called after each epoch.
+    ``on_epoch(epoch, mean loss per head)`` is called after each epoch. ``start_epoch``: the
+    number of epochs already done (a resumed run; heads and optimizer already restored).
     """
     criterion = nn.CrossEntropyLoss()
     total, warmup = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
-    step = 0
+    step = start_epoch * steps_per_epoch
     heads.train()
-    for epoch in range(epochs):
+    for epoch in range(start_epoch, epochs):
         sums = torch.zeros(len(heads), dtype=torch.float64)
         count = 0
         for feats, labels in batches(epoch):

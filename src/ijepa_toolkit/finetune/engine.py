@@ -72,14 +72,15 @@ def train_one_epoch(
     clipped (or just measured), stepped; a non-finite loss stops the run before its step. Every
     ``log_freq`` steps a row (loss averaged over the step's micro-batches and the ranks, max group
     lr, grad norm) goes to ``log.jsonl``; every ``checkpoint_every`` steps ``save()`` is called
-    (on every rank). Returns ``{"loss", "skipped"}``: mean step loss and unreadable images
-    skipped, summed over ranks.
+    (on every rank). Returns ``{"loss", "skipped", "overflow"}``: mean step loss, unreadable
+    images skipped (summed over ranks) and optimizer steps the fp16 scaler skipped because a
+    gradient overflowed (its scale went down).
     """
     model.train()
     accum, per_batch = opts.accum_iter, loader.batch_size
     end = opts.steps_per_epoch * accum  # micro-batches in a full epoch (a ragged tail is dropped)
     params = [p for p in model.parameters() if p.requires_grad]
-    scaler, losses, step_losses, skipped = opts.scaler, [], [], 0
+    scaler, losses, step_losses, skipped, overflow = opts.scaler, [], [], 0, 0
     todo = max(end - state.batch, 0)
     for batch in progress(itertools.islice(loader, todo), desc=f"epoch {state.epoch}", total=todo):
         if batch is None:
@@ -116,8 +117,13 @@ def train_one_epoch(
         scaler.unscale_(optimizer)
         max_norm = opts.clip_grad if opts.clip_grad is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        scale = scaler.get_scale() if scaler.is_enabled() else None
         scaler.step(optimizer)
         scaler.update()
+        if scale is not None and scaler.get_scale() < scale:  # inf/nan gradient: step skipped
+            overflow += 1
+            logger.warning("step %d: gradient overflow, step skipped (loss scale %g -> %g)",
+                           state.step + 1, scale, scaler.get_scale())  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         if opts.ema is not None:
@@ -139,7 +145,7 @@ def train_one_epoch(
             save()
     total_skipped = int(all_reduce_sum(torch.tensor([skipped], device=opts.device)).item())
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
-    return {"loss": mean_loss, "skipped": total_skipped}
+    return {"loss": mean_loss, "skipped": total_skipped, "overflow": overflow}
 
 
 @torch.no_grad()

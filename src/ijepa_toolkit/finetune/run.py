@@ -242,6 +242,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, eval_ckpt: Optional[str] = No
             epoch=state.epoch,
             train_loss=train["loss"],
             train_skipped=train["skipped"],
+            train_overflow_skipped=train["overflow"],
             **row,
         )
         logger.info(

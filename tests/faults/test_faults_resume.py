@@ -31,7 +31,10 @@ def kill_after_rows(cmd: list, log: Path, rows: int) -> None:
     proc.wait(timeout=60)
 
 
-def assert_resumed_run_equals_straight(straight: Path, killed: Path, model_key: str) -> None:
+def assert_resumed_run_equals_straight(
+    straight: Path, killed: Path, model_key: str, timings: tuple = ()
+) -> None:
+    """Same counters, weights, metrics and log rows (but the ``timings`` keys) in both runs."""
     a = torch.load(straight / "checkpoint-last.pth", weights_only=True)
     b = torch.load(killed / "checkpoint-last.pth", weights_only=True)
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
@@ -40,9 +43,11 @@ def assert_resumed_run_equals_straight(straight: Path, killed: Path, model_key: 
     ra = json.loads((straight / "results.json").read_text())
     rb = json.loads((killed / "results.json").read_text())
     assert ra["metrics"] == rb["metrics"]
-    rows_a, rows_b = read_jsonl(straight / "log.jsonl"), read_jsonl(killed / "log.jsonl")
-    pairs = [(r["step"], k) for r in rows_b for k in r if k != "step"]
-    assert len(pairs) == len(set(pairs)), "a step was logged twice"
+    rows_a, rows_b = (
+        [{k: v for k, v in r.items() if k not in timings} for r in read_jsonl(run / "log.jsonl")]
+        for run in (straight, killed)
+    )
+    assert len(rows_b) == len(rows_a), "a row was lost or logged twice"
     assert rows_b == rows_a
 
 
@@ -78,7 +83,8 @@ def test_row_cut_by_a_kill_is_skipped_and_the_log_goes_on(tmp_path, caplog):
         f.write('{"step": 2, "lo')  # SIGKILL in the middle of a row
     log = RunLogger(tmp_path, tensorboard=False)
     log.skip_logged()
-    log.log(1, loss=0.5, epoch=1)  # resumed: step 1's loss is already there
+    log.log(1, loss=0.5)  # resumed: step 1 is already there
+    log.log(1, epoch=1)
     log.log(2, loss=0.25)
     log.close()
     assert read_jsonl(tmp_path / "log.jsonl") == [
@@ -107,3 +113,33 @@ def test_linear_probe_killed_at_a_random_epoch_resumes_exactly(tmp_path):
                    timeout=TIMEOUT, capture_output=True)  # fmt: skip
     assert log.read_bytes().startswith(before), "the log was truncated"
     assert_resumed_run_equals_straight(straight, killed, "model")
+
+
+def test_pretraining_killed_at_a_random_step_resumes_with_an_exact_log(tmp_path):
+    train, _ = build_digits_imagefolder(tmp_path / "digits", size=32, per_class=8)
+    overrides = {
+        "data.dataset": "imagefolder", "data.root_path": str(train), "data.image_folder": "",
+        "data.batch_size": 16, "model.arch": "{embed_dim: 32, depth: 2, num_heads: 4}",
+        "model.pred_depth": 1, "model.pred_emb_dim": 16, "optimization.epochs": 2,
+        "logging.log_freq": 1, "logging.rankme_freq": 4, "logging.knn_freq": 0,
+        "logging.tensorboard": False,
+    }  # fmt: skip
+    cmd = [sys.executable, str(REPO / "main_pretrain.py"), "--fname",
+           str(REPO / "configs/pretrain/tiny_cpu.yaml"),
+           *[f"{k}={v}" for k, v in overrides.items()]]  # fmt: skip
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([*cmd, f"logging.folder={straight}"], env=env(), check=True, timeout=TIMEOUT,
+                   capture_output=True)  # fmt: skip
+    total = len((straight / "log.jsonl").read_text().splitlines())
+    log = killed / "log.jsonl"
+    kill_after_rows([*cmd, f"logging.folder={killed}"], log, random.randint(2, total - 2))
+    before = log.read_bytes()
+    subprocess.run(
+        [*cmd, f"logging.folder={killed}"],
+        env=env(),
+        check=True,
+        timeout=TIMEOUT,
+        capture_output=True,
+    )  # fmt: skip  (meta.resume: on by default)
+    assert log.read_bytes().startswith(before), "the log was truncated"
+    assert_resumed_run_equals_straight(straight, killed, "encoder", timings=("epoch_seconds",))

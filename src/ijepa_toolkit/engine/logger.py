@@ -49,10 +49,11 @@ class RunLogger:
                 self._tb = SummaryWriter(log_dir=str(self.folder / "tensorboard"))
 
     def skip_logged(self) -> None:
-        """After a resume: do not write a (step, key) pair already in ``log.jsonl`` again.
+        """After a resume: do not write a row again whose (step, key) pairs are all in the file.
 
         A run killed after its last checkpoint logged the steps it then repeats on resume; those
-        rows stay (the file is never truncated) and the repeated values are dropped.
+        rows stay (the file is never truncated) and the repeated rows are dropped. A row is
+        written whole or not at all (a row is one write, so a kill never leaves half a row).
         """
         path = self.folder / "log.jsonl"
         if self.enabled and path.is_file():
@@ -62,10 +63,8 @@ class RunLogger:
         """One row: ``{"step": step, **values}``; numeric values also go to tensorboard."""
         if not self.enabled:
             return
-        if self._logged and step is not None:
-            values = {k: v for k, v in values.items() if (step, k) not in self._logged}
-            if not values:
-                return
+        if self._logged and step is not None and all((step, k) in self._logged for k in values):
+            return
         row = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         self._file.write(json.dumps(row) + "\n")
         if self._tb is not None and step is not None:

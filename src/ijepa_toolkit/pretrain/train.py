@@ -193,7 +193,6 @@ class Pretrainer:
         self.target_norm.load_state_dict(obj["target_norm"])
         self.epoch, self.step = int(obj["epoch"]), int(obj["step"])
         restore_rng_states(obj["rng"], self.dist.rank, self.ckpt_path)
-        self.log.skip_logged()
         logger.info("resumed from %s: epoch %d, step %d", self.ckpt_path, self.epoch, self.step)
 
     # -- one iteration ---------------------------------------------------------------------
@@ -333,8 +332,10 @@ def pretrain(cfg: PretrainConfig, dist_info: DistInfo) -> dict:
     trainer = Pretrainer(cfg, dist_info)
     if dist_info.is_main:
         save_config(cfg, trainer.folder)
-    if cfg.meta.resume and trainer.ckpt_path.exists():
-        trainer.resume()
+    if cfg.meta.resume:
+        trainer.log.skip_logged()  # rows of a killed attempt are not written twice
+        if trainer.ckpt_path.exists():
+            trainer.resume()
     try:
         metrics = trainer.run()
     finally:

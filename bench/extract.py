@@ -10,6 +10,7 @@ largest feature difference.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,21 +23,14 @@ from ijepa_toolkit.engine.distributed import DistInfo
 from ijepa_toolkit.eval.features import extract_to
 from ijepa_toolkit.models.vit import EncoderArch, create_encoder
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for reference.py
+from reference import RefEncoder  # noqa: E402
+
 
 @torch.no_grad()
-def reference_features(enc, images: torch.Tensor) -> torch.Tensor:
-    """(B, D) mean of final-norm tokens, attention written out as in the official code."""
-    x = enc.patch_embed.proj(images).flatten(2).transpose(1, 2) + enc.pos_embed
-    for blk in enc.blocks:
-        y = blk.norm1(x)
-        b, n, c = y.shape
-        heads = blk.attn.num_heads
-        qkv = blk.attn.qkv(y).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5).softmax(dim=-1)
-        x = x + blk.attn.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
-        x = x + blk.mlp(blk.norm2(x))
-    return enc.norm(x).mean(dim=1)
+def reference_features(ref: RefEncoder, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 224, 224) images -> (B, D) mean of final-norm tokens of the official-style encoder."""
+    return ref(images).mean(dim=1)
 
 
 def main() -> None:
@@ -49,9 +43,10 @@ def main() -> None:
     enc = create_encoder(arch).eval()
     images = torch.randn(args.images, 3, 224, 224)
     dataset = TensorDataset(images, torch.zeros(args.images, dtype=torch.long))
+    ref_enc = RefEncoder.copy_of(enc).eval()  # same weights, manual attention (after the images)
     print(f"ViT-B/16 at 224, {args.images} images, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads")  # fmt: skip
-    reference_features(enc, images[:2])  # warm-up both paths
+    reference_features(ref_enc, images[:2])  # warm-up both paths
     with torch.inference_mode():
         enc(images[:2])
 
@@ -61,7 +56,9 @@ def main() -> None:
         t_ours = time.perf_counter() - start
         ours = np.load(Path(tmp) / "f" / "features.npy")
     start = time.perf_counter()
-    ref = torch.cat([reference_features(enc, x) for x, _ in DataLoader(dataset, args.batch_size)])
+    ref = torch.cat(
+        [reference_features(ref_enc, x) for x, _ in DataLoader(dataset, args.batch_size)]
+    )
     t_ref = time.perf_counter() - start
     diff = float(np.abs(ours - ref.numpy()).max())
     print(f"toolkit extract_to: {t_ours:.2f} s ({args.images / t_ours:.2f} img/s)")

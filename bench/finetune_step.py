@@ -9,7 +9,9 @@ attention, one AdamW group, hard-label CE), same widths, same batch, in one run.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,64 +22,12 @@ from ijepa_toolkit.engine.logger import RunLogger
 from ijepa_toolkit.finetune import recipe
 from ijepa_toolkit.finetune.config import FinetuneConfig
 from ijepa_toolkit.finetune.engine import StepOptions, TrainState, train_one_epoch
-from ijepa_toolkit.models.pos_embed import sincos_2d
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for reference.py
+from reference import RefViT  # noqa: E402
 
 ARCH = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
 CLASSES = 1000
-
-
-class RefAttention(nn.Module):
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
-
-
-class RefBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, drop_path: float):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
-        self.attn = RefAttention(dim, heads)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.drop_path = drop_path
-
-    def _drop(self, x):
-        if not self.training or self.drop_path == 0.0:
-            return x
-        keep = 1.0 - self.drop_path
-        mask = x.new_empty(x.shape[0], 1, 1).bernoulli_(keep)
-        return x * mask / keep
-
-    def forward(self, x):
-        x = x + self._drop(self.attn(self.norm1(x)))
-        return x + self._drop(self.mlp(self.norm2(x)))
-
-
-class RefViT(nn.Module):
-    """The official I-JEPA encoder layout (+ mean pool and a linear head)."""
-
-    def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, drop_path=0.1):
-        super().__init__()
-        grid = img_size // patch_size
-        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
-        self.pos_embed = nn.Parameter(sincos_2d(embed_dim, (grid, grid)), requires_grad=False)
-        rates = [drop_path * i / (depth - 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(RefBlock(embed_dim, num_heads, r) for r in rates)
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, CLASSES)
-
-    def forward(self, x):
-        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.norm(x).mean(dim=1))
 
 
 def synchronize(device: torch.device) -> None:
@@ -111,7 +61,7 @@ def toolkit_rate(args, device: torch.device, data: TensorDataset) -> float:
 
 
 def reference_rate(args, device: torch.device, data: TensorDataset) -> float:
-    model = RefViT(**ARCH).to(device)
+    model = RefViT(**ARCH, num_classes=CLASSES, drop_path=0.1).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     model.train()
     start = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,130 +22,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 from ijepa_toolkit.config import load_config
 from ijepa_toolkit.engine.distributed import DistInfo
-from ijepa_toolkit.models.pos_embed import sincos_2d
 from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for reference.py
+from reference import (  # noqa: E402
+    RefEncoder,
+    RefPredictor,
+    ref_apply_masks,
+    ref_repeat_interleave_batch,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-# -- official-style reference --------------------------------------------------------------------
-class RefAttention(nn.Module):
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
-        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
-
-    def forward(self, x):
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
-
-
-class RefMlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class RefBlock(nn.Module):
-    def __init__(self, dim, heads, mlp_ratio=4.0):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), RefAttention(dim, heads)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), RefMlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class RefPatchEmbed(nn.Module):
-    def __init__(self, patch, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
-
-
-def ref_apply_masks(x, masks):
-    all_x = []
-    for m in masks:
-        mask_keep = m.unsqueeze(-1).repeat(1, 1, x.size(-1))
-        all_x += [torch.gather(x, dim=1, index=mask_keep)]
-    return torch.cat(all_x, dim=0)
-
-
-def ref_repeat_interleave_batch(x, b, repeat):
-    n = len(x) // b
-    return torch.cat(
-        [torch.cat([x[i * b : (i + 1) * b] for _ in range(repeat)], dim=0) for i in range(n)]
-    )
-
-
-class RefEncoder(nn.Module):
-    def __init__(self, grid, patch, dim, depth, heads):
-        super().__init__()
-        self.patch_embed = RefPatchEmbed(patch, dim)
-        self.pos_embed = nn.Parameter(sincos_2d(dim, (grid, grid)), requires_grad=False)
-        self.blocks = nn.ModuleList(RefBlock(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-
-    def forward(self, x, masks=None):
-        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2) + self.pos_embed
-        if masks is not None:
-            x = ref_apply_masks(x, masks)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x)
-
-
-class RefPredictor(nn.Module):
-    def __init__(self, grid, dim, pdim, depth, heads):
-        super().__init__()
-        self.predictor_embed = nn.Linear(dim, pdim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, pdim))
-        self.predictor_pos_embed = nn.Parameter(sincos_2d(pdim, (grid, grid)), requires_grad=False)
-        self.predictor_blocks = nn.ModuleList(RefBlock(pdim, heads) for _ in range(depth))
-        self.predictor_norm = nn.LayerNorm(pdim, eps=1e-6)
-        self.predictor_proj = nn.Linear(pdim, dim)
-
-    def forward(self, x, masks_x, masks):
-        b = len(x) // len(masks_x)
-        x = self.predictor_embed(x)
-        x_pos = self.predictor_pos_embed.repeat(b, 1, 1)
-        x = x + ref_apply_masks(x_pos, masks_x)
-        _, n_ctxt, d = x.shape
-        pos = self.predictor_pos_embed.repeat(b, 1, 1)
-        pos = ref_apply_masks(pos, masks)
-        pos = ref_repeat_interleave_batch(pos, b, repeat=len(masks_x))
-        pred_tokens = self.mask_token.repeat(pos.size(0), pos.size(1), 1) + pos
-        x = x.repeat(len(masks), 1, 1)
-        x = torch.cat([x, pred_tokens], dim=1)
-        for blk in self.predictor_blocks:
-            x = blk(x)
-        x = self.predictor_norm(x)
-        return self.predictor_proj(x[:, n_ctxt:])
-
-
+# -- official-style training step (models in bench/reference.py) ------------------------------
 class RefStep:
     """The official ``train_step`` (fp32 on the CPU): schedules, forward, AdamW, EMA loop."""
 
     def __init__(self, trainer: Pretrainer):
-        arch, parch = trainer.encoder.arch, trainer.predictor.arch
-        grid = arch.img_size // arch.patch_size
-        self.encoder = RefEncoder(grid, arch.patch_size, arch.embed_dim, arch.depth, arch.num_heads)
-        self.target = RefEncoder(grid, arch.patch_size, arch.embed_dim, arch.depth, arch.num_heads)
-        self.predictor = RefPredictor(grid, arch.embed_dim, parch.predictor_embed_dim,
-                                      parch.depth, parch.num_heads)  # fmt: skip
-        self.encoder.load_state_dict(trainer.encoder.state_dict())
-        self.target.load_state_dict(trainer.target_encoder.state_dict())
-        self.predictor.load_state_dict(trainer.predictor.state_dict())
+        self.encoder = RefEncoder.copy_of(trainer.encoder)
+        self.target = RefEncoder.copy_of(trainer.target_encoder)
+        self.predictor = RefPredictor.copy_of(trainer.predictor)
         for p in self.target.parameters():
             p.requires_grad = False
         groups = [

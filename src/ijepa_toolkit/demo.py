@@ -73,7 +73,7 @@ def done(folder: Path) -> bool:
 
 
 def metric(folder: Path, key: str) -> Optional[float]:
-    path = REPO / folder / "results.json"
+    path = folder / "results.json"
     if not path.is_file():
         return None
     value = json.loads(path.read_text())
@@ -82,14 +82,15 @@ def metric(folder: Path, key: str) -> Optional[float]:
     return value
 
 
-def table() -> str:
-    """Markdown table of every row for both encoders, best of each row in bold."""
+def table(runs: Path) -> str:
+    """Markdown table of every row for both encoders (``runs/<row>/<encoder>/results.json``),
+    the better value of each row in bold."""
     lines = [
         "| protocol | metric | pretrained I-JEPA | random init |",
         "| --- | --- | --- | --- |",
     ]
     for row in ROWS:
-        values = [metric(OUT / row.folder / k.replace(" ", "_"), row.metric) for k in ENCODERS]
+        values = [metric(runs / row.folder / k.replace(" ", "_"), row.metric) for k in ENCODERS]
         cells = [f"{v:.2f}" if v is not None else "—" for v in values]
         if None not in values and values[0] != values[1]:
             best = values.index(max(values) if row.higher_is_better else min(values))
@@ -129,7 +130,7 @@ def main(argv=None) -> None:
     run([py, "visualize.py", "curve", str(OUT / "pretrain" / "log.jsonl"), "loss",
          str(plots / "pretrain_loss.png")], env)  # fmt: skip
 
-    text = table()
+    text = table(REPO / OUT)
     (REPO / OUT / "table.md").write_text(text + "\n")
     print(f"\n{text}\n")
     print(f"wrote {OUT}/table.md and {plots}/: pretrain_loss.png, masks_step0.png, pca.png")

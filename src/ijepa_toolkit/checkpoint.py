@@ -37,6 +37,12 @@ from .models.vit import (
     infer_encoder_arch,
     pos_embed_kind_of,
 )
+from .models.vit_variants import (
+    VariantViT,
+    create_variant_encoder,
+    is_variant_state,
+    variant_from_state,
+)
 
 logger = logging.getLogger("ijepa_toolkit")
 
@@ -310,17 +316,41 @@ def build_encoder_from_state(
     state = loaded.state_dict
     _check_finite(state, loaded.path)
     heads = num_heads if num_heads is not None else loaded.num_heads
+    if is_variant_state(state):
+        return _build_variant(loaded, heads, pos_embed)
     arch = _arch_or_error(infer_encoder_arch, state, heads, loaded.path)
     if loaded.layernorm_eps is not None:
         arch.layernorm_eps = loaded.layernorm_eps
+    kind = _table_kind(state, arch, pos_embed)
+    model = create_encoder(arch, pos_embed_kind=kind)
+    _load_strict(model, state, loaded.path)
+    return model.eval()
+
+
+def _table_kind(state: dict, arch: EncoderArch, pos_embed: str) -> str:
+    """How a stored ``pos_embed`` extends to other grids (``auto``: detected numerically)."""
     grid = (arch.img_size // arch.patch_size,) * 2
     if pos_embed == "auto":
-        kind = pos_embed_kind_of(state["pos_embed"], grid)
+        kind = pos_embed_kind_of(state["pos_embed"], grid) if "pos_embed" in state else "sincos"
     elif pos_embed in POS_EMBED_KINDS:
         kind = pos_embed
     else:
         raise ValueError(f"pos_embed must be 'auto' or one of {POS_EMBED_KINDS}, got {pos_embed!r}")
-    model = create_encoder(arch, pos_embed_kind=kind)
+    return kind
+
+
+def _build_variant(loaded: LoadedState, num_heads: Optional[int], pos_embed: str) -> VariantViT:
+    """A ``VariantViT`` (registers, factorised or rotary positions) holding the given weights."""
+    state = loaded.state_dict
+    try:
+        arch, options = variant_from_state(state, num_heads, "sincos")
+    except KeyError as e:
+        raise CheckpointError(f"{loaded.path}: incomplete weights, missing key {e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{loaded.path}: {e}") from None
+    if options["pos_kind"] in POS_EMBED_KINDS:
+        options["pos_kind"] = _table_kind(state, arch, pos_embed)
+    model = create_variant_encoder(arch, **options)
     _load_strict(model, state, loaded.path)
     return model.eval()
 

@@ -21,6 +21,7 @@ from ..models.vit import (
     create_encoder,
     encode_masked,
 )
+from ..models.vit_variants import create_variant_encoder
 
 # The official model sizes (src/models/vision_transformer.py): width, depth, heads, mlp ratio.
 MODEL_SIZES = {
@@ -53,6 +54,10 @@ class ModelSection:
     stop: bool = False  # StoP: stochastic positions for the predictor's target tokens
     stop_sigma: float = 0.25  # std of the StoP noise, in the encoder width
     loss: Literal["smooth_l1", "l2"] = "smooth_l1"
+    # variable-resolution options (models/vit_variants.py), off by default
+    pos_embed: Literal["sincos", "learned", "factorized", "rope"] = "sincos"
+    rope_theta: float = 10000.0
+    num_registers: int = 0  # encoder register tokens (not targets, not pooled)
 
 
 def encoder_arch(section: ModelSection, img_size: int) -> EncoderArch:
@@ -117,9 +122,15 @@ def build_models(
     """Fresh ``(encoder, predictor, target_encoder)`` with the official init; the target
     encoder is a frozen copy of the encoder and the sin-cos position tables are not trained."""
     arch = encoder_arch(section, img_size)
-    encoder = create_encoder(arch, pos_embed_kind="sincos", drop_path_rate=section.drop_path)
+    if section.pos_embed == "sincos" and not section.num_registers:
+        encoder = create_encoder(arch, pos_embed_kind="sincos", drop_path_rate=section.drop_path)
+    else:
+        encoder = create_variant_encoder(
+            arch, section.pos_embed, section.num_registers, section.rope_theta, section.drop_path
+        )
     official_init_(encoder, encoder.blocks)
-    encoder.pos_embed.requires_grad_(False)
+    if section.pos_embed == "sincos":
+        encoder.pos_embed.requires_grad_(False)
     pred_arch = PredictorArch(
         grid=img_size // arch.patch_size, embed_dim=arch.embed_dim,
         predictor_embed_dim=section.pred_emb_dim, depth=section.pred_depth,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ijepa_toolkit import load_encoder
-from ijepa_toolkit.config import load_config
+from ijepa_toolkit.config import ConfigError, load_config
 from ijepa_toolkit.data.digits import build_digits_imagefolder
 from ijepa_toolkit.engine.distributed import DistInfo
 from ijepa_toolkit.models.heads import pooled_features
@@ -60,3 +60,15 @@ def test_default_model_section_builds_the_plain_encoder(digits, tmp_path):
     trainer = _trainer(digits, tmp_path)
     assert not isinstance(trainer.encoder, VariantViT)
     assert not trainer.encoder.pos_embed.requires_grad
+
+
+def test_pretrain_with_token_drop_repeats_the_predictor_batch(digits, tmp_path):
+    extra = {"model.pred_capacity": 0.25, "model.pred_repeats": 4, "logging.knn_freq": 0}
+    trainer = _trainer(digits, tmp_path, **extra)
+    ((_, masks_enc, masks_pred),) = trainer.sample_masks(16)
+    drop = trainer.sample_token_drop(masks_enc, masks_pred)
+    assert drop.masks_pred[0].shape[0] == 4 * 16
+    row = trainer.train_step(next(iter(trainer.loader))[0])
+    assert row["loss"] > 0 and row["grad_norm"] > 0
+    with pytest.raises(ConfigError, match="pred_replacement"):
+        _trainer(digits, tmp_path / "bad", **{"model.pred_capacity": 0.5, "model.pred_repeats": 4})

@@ -22,6 +22,7 @@ from ..models.vit import (
     encode_masked,
 )
 from ..models.vit_variants import create_variant_encoder
+from .token_drop import TokenDrop, select_context
 
 # The official model sizes (src/models/vision_transformer.py): width, depth, heads, mlp ratio.
 MODEL_SIZES = {
@@ -58,6 +59,10 @@ class ModelSection:
     pos_embed: Literal["sincos", "learned", "factorized", "rope"] = "sincos"
     rope_theta: float = 10000.0
     num_registers: int = 0  # encoder register tokens (not targets, not pooled)
+    # predictor token dropping + batch repeat (token_drop.py); 1.0 / 1 = off
+    pred_capacity: float = 1.0  # fraction of context and of target tokens per predictor copy
+    pred_repeats: int = 1  # predictor copies per image
+    pred_replacement: bool = False  # copies draw independently (else disjoint subsets)
 
 
 def encoder_arch(section: ModelSection, img_size: int) -> EncoderArch:
@@ -104,7 +109,8 @@ class ContextPath(nn.Module):
     """Context encoder + predictor in one module (one DDP wrapper, the trained parameters).
 
     ``forward(images, masks_enc, masks_pred)``: (B, C, H, W) images -> predictions
-    (len(masks_pred) * len(masks_enc) * B, Kt, D), mask-major as the official code.
+    (len(masks_pred) * len(masks_enc) * B, Kt, D), mask-major as the official code. With a
+    ``TokenDrop`` the predictor sees its subsets of R copies: (Mp * Me * R * B, kt, D).
     """
 
     def __init__(self, encoder: IJEPAVisionTransformer, predictor: IJEPAPredictor):
@@ -112,8 +118,14 @@ class ContextPath(nn.Module):
         self.encoder = encoder
         self.predictor = predictor
 
-    def forward(self, images: torch.Tensor, masks_enc: Masks, masks_pred: Masks) -> torch.Tensor:
-        return self.predictor(encode_masked(self.encoder, images, masks_enc), masks_enc, masks_pred)
+    def forward(
+        self, images: torch.Tensor, masks_enc: Masks, masks_pred: Masks,
+        drop: Optional[TokenDrop] = None,
+    ) -> torch.Tensor:  # fmt: skip
+        ctx = encode_masked(self.encoder, images, masks_enc)
+        if drop is None:
+            return self.predictor(ctx, masks_enc, masks_pred)
+        return self.predictor(select_context(ctx, drop), drop.masks_enc, drop.masks_pred)
 
 
 def build_models(

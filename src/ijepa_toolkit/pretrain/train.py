@@ -20,6 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -45,6 +46,7 @@ from .model import (
 from .probes import knn_probe, lidar_probe
 from .schedules import Schedules
 from .targets import TargetNorm
+from .token_drop import TokenDrop, sample_token_drop
 
 logger = logging.getLogger("ijepa_toolkit")
 SUBMODULES = ("encoder", "predictor", "target_encoder")
@@ -129,6 +131,17 @@ class Pretrainer:
             raise ConfigError(
                 f"mask.group_size={cfg.mask.group_size} must divide "
                 f"data.batch_size={cfg.data.batch_size}"
+            )
+        m = cfg.model
+        if not 0 < m.pred_capacity <= 1 or m.pred_repeats < 1:
+            raise ConfigError(
+                f"model.pred_capacity={m.pred_capacity} must be in (0, 1] and "
+                f"model.pred_repeats={m.pred_repeats} at least 1"
+            )
+        if not m.pred_replacement and m.pred_capacity * m.pred_repeats > 1 + 1e-9:
+            raise ConfigError(
+                f"model.pred_capacity={m.pred_capacity} x model.pred_repeats={m.pred_repeats} > 1: "
+                "disjoint subsets need capacity * repeats <= 1 (or model.pred_replacement=true)"
             )
         self.device = dist_info.device
         self.folder = Path(cfg.logging.folder)
@@ -222,6 +235,15 @@ class Pretrainer:
                            [m.to(self.device) for m in pred]))  # fmt: skip
         return groups
 
+    def sample_token_drop(self, masks_enc: list, masks_pred: list) -> Optional[TokenDrop]:
+        """The predictor's token subsets for one mask group (None: token dropping is off)."""
+        m = self.cfg.model
+        if m.pred_capacity >= 1.0 and m.pred_repeats == 1:
+            return None
+        return sample_token_drop(
+            masks_enc, masks_pred, m.pred_capacity, m.pred_repeats, m.pred_replacement
+        )
+
     def train_step(self, images: torch.Tensor) -> dict:
         """One optimisation step on (B, C, H, W) images; returns the monitored scalars.
 
@@ -243,8 +265,13 @@ class Pretrainer:
             sync = self.model.no_sync() if self.dist.distributed and not last else nullcontext()
             with sync:
                 with autocast(self.device, self.cfg.meta.use_bfloat16):
-                    h = targets_at(normed[rows], masks_pred, len(masks_enc))
-                    z = self.model(images[rows], masks_enc, masks_pred)
+                    drop = self.sample_token_drop(masks_enc, masks_pred)
+                    if drop is None:
+                        h = targets_at(normed[rows], masks_pred, len(masks_enc))
+                    else:
+                        targets = normed[rows].repeat(drop.repeats, 1, 1)
+                        h = targets_at(targets, drop.masks_pred, len(masks_enc))
+                    z = self.model(images[rows], masks_enc, masks_pred, drop)
                     loss = prediction_loss(z, h, self.cfg.model.loss) / len(groups)
                 loss.backward()
             total += loss.detach().float()

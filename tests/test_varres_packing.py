@@ -11,6 +11,7 @@ from ijepa_toolkit.models.vit_variants import create_variant_encoder
 from ijepa_toolkit.pretrain.packing import (
     PAD,
     PackingSection,
+    PackingStream,
     encode_packed,
     first_fit,
     pack,
@@ -18,6 +19,7 @@ from ijepa_toolkit.pretrain.packing import (
     patchify,
     predict_packed,
     resized_shape,
+    same_image_mask,
 )
 
 SECTION = PackingSection(enabled=True, min_side=8, max_side=24, ctx_budget=48, tgt_budget=12)
@@ -128,3 +130,20 @@ def test_predictor_and_loss_ignore_padding():
     target2[~valid] = 1e3
     assert loss == packed_loss(z, target2, batch.tgt_gsample, "l2")
     assert torch.isclose(loss, ((z[valid] - target[valid]) ** 2).mean())
+
+
+def test_stream_emits_every_image_exactly_once_and_pads_less():
+    section = PackingSection(enabled=True, min_side=16, max_side=32, ctx_budget=256,
+                             tgt_budget=64)  # fmt: skip
+    stream = PackingStream(4, section)
+    emitted, rates = [], []
+    for step in range(6):
+        keys = list(range(step * 40, step * 40 + 40))
+        batch, order = stream(_images(40, seed=step), keys, torch.Generator().manual_seed(step))
+        emitted += [order[i] for row in batch.rows for i in row]
+        rates.append(batch.padding_rate)
+        assert (batch.ctx_ids[..., 1] == 0).all()  # register flag: no registers packed
+        assert same_image_mask(batch.ctx_ids).shape[-1] == 256
+    waiting = [k for k, _ in stream.waiting]
+    assert sorted(emitted + waiting) == list(range(240))  # none dropped, none twice
+    assert sum(rates) / len(rates) < 0.08

@@ -11,6 +11,7 @@ from ijepa_toolkit import load_encoder
 from ijepa_toolkit.config import ConfigError, load_config
 from ijepa_toolkit.data.digits import build_digits_imagefolder
 from ijepa_toolkit.engine.distributed import DistInfo
+from ijepa_toolkit.engine.logger import read_jsonl
 from ijepa_toolkit.models.heads import pooled_features
 from ijepa_toolkit.models.vit_variants import VariantViT
 from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer
@@ -72,3 +73,22 @@ def test_pretrain_with_token_drop_repeats_the_predictor_batch(digits, tmp_path):
     assert row["loss"] > 0 and row["grad_norm"] > 0
     with pytest.raises(ConfigError, match="pred_replacement"):
         _trainer(digits, tmp_path / "bad", **{"model.pred_capacity": 0.5, "model.pred_repeats": 4})
+
+
+def test_packed_variable_resolution_pretraining_lowers_the_loss(digits, tmp_path):
+    extra = {"packing.enabled": True, "packing.min_side": 16, "packing.max_side": 32,
+             "packing.ctx_budget": 128, "packing.tgt_budget": 32, "optimization.epochs": 4,
+             "logging.knn_freq": 0}  # fmt: skip
+    trainer = _trainer(digits, tmp_path, **extra)
+    metrics = trainer.run()
+    trainer.log.close()
+    rows = [r for r in read_jsonl(tmp_path / "log.jsonl") if "padding" in r]
+    losses = [r["loss"] for r in rows]
+    assert len(rows) == trainer.step >= 8 and all(0 <= r["padding"] < 0.5 for r in rows)
+    assert sum(losses[-3:]) < sum(losses[:3])
+    loaded = load_encoder(trainer.ckpt_path, num_heads=2)
+    with torch.no_grad():
+        assert loaded(torch.randn(2, 3, 24, 16)).shape == (2, 32)  # any patch-multiple size
+    assert metrics["loss"] > 0
+    with pytest.raises(ConfigError, match="packing"):
+        _trainer(digits, tmp_path / "bad", **{"packing.enabled": True, "model.num_registers": 1})

@@ -22,6 +22,7 @@ from ..models.vit import (
     encode_masked,
 )
 from ..models.vit_variants import create_variant_encoder
+from .packing import PackedBatch, encode_packed, predict_packed
 from .token_drop import TokenDrop, select_context
 
 # The official model sizes (src/models/vision_transformer.py): width, depth, heads, mlp ratio.
@@ -111,6 +112,7 @@ class ContextPath(nn.Module):
     ``forward(images, masks_enc, masks_pred)``: (B, C, H, W) images -> predictions
     (len(masks_pred) * len(masks_enc) * B, Kt, D), mask-major as the official code. With a
     ``TokenDrop`` the predictor sees its subsets of R copies: (Mp * Me * R * B, kt, D).
+    ``forward(packed_batch)``: predictions (R, Lt, D) at the packed target tokens (packing.py).
     """
 
     def __init__(self, encoder: IJEPAVisionTransformer, predictor: IJEPAPredictor):
@@ -119,9 +121,15 @@ class ContextPath(nn.Module):
         self.predictor = predictor
 
     def forward(
-        self, images: torch.Tensor, masks_enc: Masks, masks_pred: Masks,
-        drop: Optional[TokenDrop] = None,
+        self, images: torch.Tensor | PackedBatch, masks_enc: Optional[Masks] = None,
+        masks_pred: Optional[Masks] = None, drop: Optional[TokenDrop] = None,
     ) -> torch.Tensor:  # fmt: skip
+        if isinstance(images, PackedBatch):
+            b = images
+            ctx = encode_packed(self.encoder, b.ctx_px, b.ctx_ids, b.ctx_gsample, b.grids)
+            return predict_packed(
+                self.predictor, ctx, b.ctx_ids, b.ctx_gsample, b.tgt_ids, b.tgt_gsample, b.grids
+            )
         ctx = encode_masked(self.encoder, images, masks_enc)
         if drop is None:
             return self.predictor(ctx, masks_enc, masks_pred)

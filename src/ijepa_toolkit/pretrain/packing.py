@@ -35,6 +35,7 @@ class PackingSection:
     tgt_budget: int = 64  # target tokens per packed row
     target_scale: list = field(default_factory=lambda: [0.15, 0.25])  # block area / image area
     target_aspect: list = field(default_factory=lambda: [0.75, 1.5])
+    carry_over: bool = True  # the least full row's images wait for the next step (less padding)
 
 
 @dataclass
@@ -50,6 +51,17 @@ class PackedBatch:
     tgt_gsample: torch.Tensor
     grids: list  # (gh, gw) of every input image, in input order
     rows: list  # input indices packed in each row
+
+    def to(self, device) -> PackedBatch:
+        """The same batch with its tensors on ``device``."""
+        moved = {k: v.to(device) for k, v in vars(self).items() if torch.is_tensor(v)}
+        return PackedBatch(**{**vars(self), **moved})
+
+    def drop_row(self, r: int) -> PackedBatch:
+        """The batch without row ``r`` (its images stay listed in ``grids``, in no row)."""
+        keep = [i for i in range(len(self.rows)) if i != r]
+        rows = {k: v[keep] for k, v in vars(self).items() if torch.is_tensor(v)}
+        return PackedBatch(**{**vars(self), **rows, "rows": [self.rows[i] for i in keep]})
 
     @property
     def padding_rate(self) -> float:
@@ -82,12 +94,14 @@ def target_block(gh: int, gw: int, scale: float, aspect: float, gen: torch.Gener
 
 
 def first_fit(lengths: list, ctx_budget: int, tgt_budget: int) -> list:
-    """Rows of item indices: each ``(ctx, tgt)`` item goes into the first row with room for both.
+    """Rows of item indices: items, longest first, each go into the first row with room for both
+    their ``(ctx, tgt)`` lengths (first-fit decreasing); every item lands in exactly one row.
 
     Raises ``ValueError`` for an item larger than the budgets (it could never be packed).
     """
     rows, used = [], []
-    for i, (c, t) in enumerate(lengths):
+    for i in sorted(range(len(lengths)), key=lambda i: -sum(lengths[i])):
+        c, t = lengths[i]
         if c > ctx_budget or t > tgt_budget:
             raise ValueError(
                 f"image {i} has {c} context / {t} target tokens, more than the row budgets "
@@ -152,6 +166,31 @@ def pack(images: list, patch: int, section: PackingSection, gen: torch.Generator
     return PackedBatch(*parts["ctx"], *parts["tgt"], grids=grids, rows=rows)
 
 
+class PackingStream:
+    """Packs each step's images together with those carried over from the previous step.
+
+    With ``carry_over`` the least full row of a step (when there are several) is not emitted: its
+    images are packed again, first, with the next step's images. No image is dropped: each one
+    comes out in exactly one emitted row, or is still ``waiting``.
+    """
+
+    def __init__(self, patch: int, section: PackingSection):
+        self.patch, self.section = patch, section
+        self.waiting: list = []  # (key, image) carried to the next step
+
+    def __call__(self, images: list, keys: list, gen: torch.Generator) -> tuple[PackedBatch, list]:
+        """Pack ``waiting + images``; returns the batch and the keys of its images, in order."""
+        pending = self.waiting + list(zip(keys, images))
+        batch = pack([img for _, img in pending], self.patch, self.section, gen)
+        self.waiting = []
+        if self.section.carry_over and len(batch.rows) > 1:
+            fill = (batch.ctx_gsample != PAD).sum(1) + (batch.tgt_gsample != PAD).sum(1)
+            last = int(fill.argmin())
+            self.waiting = [pending[i] for i in batch.rows[last]]
+            batch = batch.drop_row(last)
+        return batch, [pending[i][0] for i in range(len(pending))]
+
+
 def same_image_mask(ids: torch.Tensor) -> torch.Tensor:
     """(R, L, 4) ids -> (R, 1, L, L) boolean SDPA mask: True where both tokens share an image.
 
@@ -207,6 +246,16 @@ def predict_packed(predictor, ctx, ctx_ids, ctx_gsample, tgt_ids, tgt_gsample, g
     for block in predictor.predictor_blocks:
         x = block(x, attn_mask=mask)
     return predictor.predictor_proj(predictor.predictor_norm(x[:, ctx.shape[1] :]))
+
+
+def per_image_mean(tokens: torch.Tensor, gsample: torch.Tensor, n: int) -> torch.Tensor:
+    """(R, L, D) packed tokens -> (n', D) mean over the tokens of each of the n' images present
+    (padding ignored), in image order."""
+    valid = gsample != PAD
+    sums = tokens.new_zeros(n, tokens.shape[-1]).index_add_(0, gsample[valid], tokens[valid])
+    counts = torch.bincount(gsample[valid], minlength=n).to(tokens.dtype)
+    present = counts > 0
+    return sums[present] / counts[present, None]
 
 
 def packed_loss(pred: torch.Tensor, target: torch.Tensor, gsample: torch.Tensor, kind: str):

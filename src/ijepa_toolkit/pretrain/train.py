@@ -43,6 +43,7 @@ from .model import (
     prediction_loss,
     targets_at,
 )
+from .packing import PackingSection, PackingStream, encode_packed, packed_loss, per_image_mean
 from .probes import knn_probe, lidar_probe
 from .schedules import Schedules
 from .targets import TargetNorm
@@ -92,6 +93,7 @@ class PretrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     optimization: OptimizationSection = field(default_factory=OptimizationSection)
     logging: PretrainLogging = field(default_factory=PretrainLogging)
+    packing: PackingSection = field(default_factory=PackingSection)
 
 
 class TrainingDiverged(RuntimeError):
@@ -143,6 +145,14 @@ class Pretrainer:
                 f"model.pred_capacity={m.pred_capacity} x model.pred_repeats={m.pred_repeats} > 1: "
                 "disjoint subsets need capacity * repeats <= 1 (or model.pred_replacement=true)"
             )
+        if cfg.packing.enabled and (
+            m.num_registers or m.pred_capacity < 1 or m.pred_repeats > 1
+            or m.target_norm not in ("layernorm", "none") or m.stop
+        ):  # fmt: skip
+            raise ConfigError(
+                "packing.enabled=true works with model.target_norm layernorm/none and without "
+                "model.num_registers, model.stop and predictor token dropping"
+            )
         self.device = dist_info.device
         self.folder = Path(cfg.logging.folder)
         self.ckpt_path = self.folder / LAST
@@ -174,6 +184,7 @@ class Pretrainer:
         )  # fmt: skip
         grid = cfg.data.crop_size // self.encoder.arch.patch_size
         self.masks = MultiBlockMaskSampler((grid, grid), cfg.mask)
+        self.packer = PackingStream(self.encoder.arch.patch_size, cfg.packing)
         self.model = self.context
         if dist_info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -255,6 +266,35 @@ class Pretrainer:
             group["lr"] = lr
             if not group.get("WD_exclude"):
                 group["weight_decay"] = wd
+        extra: dict = {}
+        if self.cfg.packing.enabled:
+            total, pooled, extra = self.packed_loss(images)
+        else:
+            total, pooled = self.masked_loss(images)
+        loss_value = float(all_reduce_sum(total)) / self.dist.world_size
+        if not math.isfinite(loss_value):
+            last = (f"{self.ckpt_path} (epoch {self.epoch})" if self.ckpt_path.exists()
+                    else "none written yet")  # fmt: skip
+            raise TrainingDiverged(
+                f"loss is {loss_value} at step {self.step} (epoch {self.epoch}); stopping before "
+                f"the update. Last good checkpoint: {last}"
+            )
+        params = [p for p in self.context.parameters() if p.requires_grad]
+        max_norm = self.cfg.optimization.clip_grad or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        ema_update_(self.target_encoder, self.encoder, momentum)
+        self.step += 1
+        row = dict(loss=loss_value, lr=lr, wd=wd, momentum=momentum, grad_norm=grad_norm,
+                   target_std=float(pooled.std(dim=0).mean()), **extra)  # fmt: skip
+        freq = self.cfg.logging.rankme_freq
+        if freq and self.step % freq == 0:
+            row["rankme"] = rankme(all_gather_cat(pooled))
+        return row
+
+    def masked_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward of the multiblock I-JEPA loss; returns (loss, (B, D) pooled targets)."""
         groups = self.sample_masks(len(images))
         with autocast(self.device, self.cfg.meta.use_bfloat16), torch.no_grad():
             tokens = self.target_encoder.forward_features(images)
@@ -275,28 +315,32 @@ class Pretrainer:
                     loss = prediction_loss(z, h, self.cfg.model.loss) / len(groups)
                 loss.backward()
             total += loss.detach().float()
-        loss_value = float(all_reduce_sum(total)) / self.dist.world_size
-        if not math.isfinite(loss_value):
-            last = (f"{self.ckpt_path} (epoch {self.epoch})" if self.ckpt_path.exists()
-                    else "none written yet")  # fmt: skip
-            raise TrainingDiverged(
-                f"loss is {loss_value} at step {self.step} (epoch {self.epoch}); stopping before "
-                f"the update. Last good checkpoint: {last}"
-            )
-        params = [p for p in self.context.parameters() if p.requires_grad]
-        max_norm = self.cfg.optimization.clip_grad or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        ema_update_(self.target_encoder, self.encoder, momentum)
-        self.step += 1
-        pooled = tokens.mean(dim=1).float()
-        row = dict(loss=loss_value, lr=lr, wd=wd, momentum=momentum, grad_norm=grad_norm,
-                   target_std=float(pooled.std(dim=0).mean()))  # fmt: skip
-        freq = self.cfg.logging.rankme_freq
-        if freq and self.step % freq == 0:
-            row["rankme"] = rankme(all_gather_cat(pooled))
-        return row
+        return total, tokens.mean(dim=1).float()
+
+    def packed_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Backward of the packed variable-resolution loss (packing.py).
+
+        Returns (loss, (B, D) per-image mean target tokens, {"padding": padding rate}).
+        """
+        g = torch.Generator()
+        g.manual_seed(hash((self.cfg.meta.seed, self.step, self.dist.rank)) % 2**63)
+        batch, _ = self.packer(list(images.cpu()), list(range(len(images))), g)
+        batch = batch.to(self.device)
+        n_ctx = batch.ctx_ids.shape[1]
+        with autocast(self.device, self.cfg.meta.use_bfloat16), torch.no_grad():
+            tokens = encode_packed(
+                self.target_encoder, torch.cat([batch.ctx_px, batch.tgt_px], dim=1),
+                torch.cat([batch.ctx_ids, batch.tgt_ids], dim=1),
+                torch.cat([batch.ctx_gsample, batch.tgt_gsample], dim=1), batch.grids,
+            )  # fmt: skip
+            target = self.target_norm(tokens[:, n_ctx:])
+        with autocast(self.device, self.cfg.meta.use_bfloat16):
+            z = self.model(batch)
+            loss = packed_loss(z, target, batch.tgt_gsample, self.cfg.model.loss)
+        loss.backward()
+        gsample = torch.cat([batch.ctx_gsample, batch.tgt_gsample], dim=1)
+        pooled = per_image_mean(tokens.float(), gsample, len(batch.grids))
+        return loss.detach().float(), pooled, {"padding": batch.padding_rate}
 
     # -- epochs ---------------------------------------------------------------------------
     def probes(self) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,13 @@ def test_packed_variable_resolution_pretraining_lowers_the_loss(digits, tmp_path
     assert metrics["loss"] > 0
     with pytest.raises(ConfigError, match="packing"):
         _trainer(digits, tmp_path / "bad", **{"packing.enabled": True, "model.num_registers": 1})
+
+
+def test_packed_pretraining_with_tome_steps(digits, tmp_path):
+    extra = {"packing.enabled": True, "packing.ctx_budget": 128, "packing.tgt_budget": 32,
+             "model.tome_rates": "[8, 4]", "logging.knn_freq": 0}  # fmt: skip
+    trainer = _trainer(digits, tmp_path, **extra)
+    row = trainer.train_step(next(iter(trainer.loader))[0])
+    assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
+    with pytest.raises(ConfigError, match="tome_rates"):
+        _trainer(digits, tmp_path / "bad", **{"model.tome_rates": "[1, 1]"})

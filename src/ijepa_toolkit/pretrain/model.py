@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
@@ -64,6 +64,7 @@ class ModelSection:
     pred_capacity: float = 1.0  # fraction of context and of target tokens per predictor copy
     pred_repeats: int = 1  # predictor copies per image
     pred_replacement: bool = False  # copies draw independently (else disjoint subsets)
+    tome_rates: list = field(default_factory=list)  # ToMe: tokens merged per encoder block
 
 
 def encoder_arch(section: ModelSection, img_size: int) -> EncoderArch:
@@ -115,10 +116,11 @@ class ContextPath(nn.Module):
     ``forward(packed_batch)``: predictions (R, Lt, D) at the packed target tokens (packing.py).
     """
 
-    def __init__(self, encoder: IJEPAVisionTransformer, predictor: IJEPAPredictor):
+    def __init__(self, encoder: IJEPAVisionTransformer, predictor: IJEPAPredictor, tome_rates=()):
         super().__init__()
         self.encoder = encoder
         self.predictor = predictor
+        self.tome_rates = tuple(tome_rates)  # ToMe in the packed encoder (packing.py)
 
     def forward(
         self, images: torch.Tensor | PackedBatch, masks_enc: Optional[Masks] = None,
@@ -126,7 +128,9 @@ class ContextPath(nn.Module):
     ) -> torch.Tensor:  # fmt: skip
         if isinstance(images, PackedBatch):
             b = images
-            ctx = encode_packed(self.encoder, b.ctx_px, b.ctx_ids, b.ctx_gsample, b.grids)
+            ctx = encode_packed(
+                self.encoder, b.ctx_px, b.ctx_ids, b.ctx_gsample, b.grids, self.tome_rates
+            )
             return predict_packed(
                 self.predictor, ctx, b.ctx_ids, b.ctx_gsample, b.tgt_ids, b.tgt_gsample, b.grids
             )

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..models.pos_embed import sincos_2d
+from ..models.tome import tome_blocks
 
 PAD = -1
 
@@ -196,7 +198,10 @@ def same_image_mask(ids: torch.Tensor) -> torch.Tensor:
 
     Padding (sample -1) attends only to padding, so no softmax row is empty.
     """
-    sample = ids[..., 0]
+    return _sample_mask(ids[..., 0])
+
+
+def _sample_mask(sample: torch.Tensor) -> torch.Tensor:
     return (sample[:, :, None] == sample[:, None, :]).unsqueeze(1)
 
 
@@ -211,11 +216,12 @@ def _positions(tables: list, gsample: torch.Tensor, ids: torch.Tensor, grids: li
     return pos * (gsample != PAD).unsqueeze(-1).to(pos.device, pos.dtype)
 
 
-def encode_packed(encoder, px, ids, gsample, grids) -> torch.Tensor:
+def encode_packed(encoder, px, ids, gsample, grids, tome_rates: Sequence = ()) -> torch.Tensor:
     """Encoder over packed rows: (R, L, C*p*p) pixels -> (R, L, D) tokens after the final norm.
 
     Positions come from ``encoder.pos_embed_for_grid`` at each image's own grid (sin-cos exact,
     learned resampled, factorised, or RoPE on q/k); attention stays within each image.
+    ``tome_rates``: tokens merged per block (ToMe, within images, unmerged before the norm).
     """
     if getattr(encoder, "reg_token", None) is not None:
         raise ValueError("packing with encoder registers is not supported")
@@ -225,6 +231,12 @@ def encode_packed(encoder, px, ids, gsample, grids) -> torch.Tensor:
     x = x + _positions(tables, gsample, ids, grids)
     if getattr(encoder, "rope", None) is not None:
         encoder.rope.pos = ids[..., 2:].clamp(min=0).float()
+    if any(tome_rates):
+        if getattr(encoder, "rope", None) is not None:
+            raise ValueError("ToMe with RoPE is not supported (merged tokens have no position)")
+        sample = ids[..., 0]
+        x = tome_blocks(encoder.blocks, x, list(tome_rates), sample, _sample_mask)
+        return encoder.norm(x)
     mask = same_image_mask(ids)
     for block in encoder.blocks:
         x = block(x, attn_mask=mask)

@@ -153,6 +153,10 @@ class Pretrainer:
                 "packing.enabled=true works with model.target_norm layernorm/none and without "
                 "model.num_registers, model.stop and predictor token dropping"
             )
+        if m.tome_rates and not cfg.packing.enabled:
+            raise ConfigError(
+                "model.tome_rates is implemented for packed rows: set packing.enabled"
+            )
         self.device = dist_info.device
         self.folder = Path(cfg.logging.folder)
         self.ckpt_path = self.folder / LAST
@@ -161,7 +165,7 @@ class Pretrainer:
             m.to(self.device) for m in build_models(cfg.model, cfg.data.crop_size)
         )
         seed_everything(cfg.meta.seed, dist_info.rank)  # each rank its own data / noise stream
-        self.context = ContextPath(self.encoder, self.predictor)
+        self.context = ContextPath(self.encoder, self.predictor, cfg.model.tome_rates)
         self.target_norm = TargetNorm(cfg.model.target_norm, self.encoder.embed_dim).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.encoder, self.predictor))
         train_folder, self.knn_train, self.knn_val = resolve_folders(cfg.data)
@@ -332,6 +336,7 @@ class Pretrainer:
                 self.target_encoder, torch.cat([batch.ctx_px, batch.tgt_px], dim=1),
                 torch.cat([batch.ctx_ids, batch.tgt_ids], dim=1),
                 torch.cat([batch.ctx_gsample, batch.tgt_gsample], dim=1), batch.grids,
+                self.cfg.model.tome_rates,
             )  # fmt: skip
             target = self.target_norm(tokens[:, n_ctx:])
         with autocast(self.device, self.cfg.meta.use_bfloat16):

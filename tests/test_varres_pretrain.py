@@ -103,3 +103,17 @@ def test_packed_pretraining_with_tome_steps(digits, tmp_path):
     assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
     with pytest.raises(ConfigError, match="tome_rates"):
         _trainer(digits, tmp_path / "bad", **{"model.tome_rates": "[1, 1]"})
+
+
+def test_pretraining_with_diffmoe_adds_the_capacity_loss(digits, tmp_path):
+    extra = {"model.moe_experts": 2, "logging.knn_freq": 0}
+    trainer = _trainer(digits, tmp_path, **extra)
+    predictor = trainer.encoder.blocks[0].mlp.capacity_predictor.weight
+    before = predictor.detach().clone()
+    row = trainer.train_step(next(iter(trainer.loader))[0])
+    assert math.isfinite(row["loss"])
+    assert float(trainer.moe_loss().detach()) > 0
+    assert not torch.equal(predictor.detach(), before)  # trained by the BCE term
+    trainer.save(row["loss"])
+    loaded = load_encoder(trainer.ckpt_path, which="encoder", num_heads=2)
+    assert loaded.blocks[0].mlp.num_experts == 2 and not loaded.training

@@ -5,6 +5,8 @@
   column tables ``pos_embed_row`` (1, Gh, D) + ``pos_embed_col`` (1, Gw, D), linearly resampled
   at other grids) or ``rope`` (2D rotary embedding on q/k: half the head dimension rotates with
   the row index, half with the column index, frequencies ``theta ** (-i / (head_dim / 4))``);
+- ``moe_experts``: every block's MLP is a ``DiffMoEMlp`` (diffmoe.py; ``eval()`` switches from
+  expert-choice to predicted dynamic capacity);
 - ``num_registers``: learned register tokens (timm's ``reg_token``), prepended after the
   positions, never rotated, and removed by ``forward_features`` -- so they are neither targets
   nor pooled, and the (B, N, D) patch-token contract is the parent's.
@@ -23,12 +25,14 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Attention
 from torch import nn
 
+from .diffmoe import DiffMoEMlp
 from .norms import norm_layer as make_norm_layer
 from .pos_embed import sincos_2d
 from .vit import EncoderArch, IJEPAVisionTransformer, Masks, apply_masks, infer_encoder_arch
 
 POS_KINDS = ("sincos", "learned", "factorized", "rope")
-VARIANT_KEYS = ("reg_token", "pos_embed_row", "rope.freqs")
+MOE_KEY = "blocks.0.mlp.router.weight"
+VARIANT_KEYS = ("reg_token", "pos_embed_row", "rope.freqs", MOE_KEY)
 
 
 def grid_positions(h: int, w: int, device=None) -> torch.Tensor:
@@ -91,7 +95,8 @@ class VariantViT(IJEPAVisionTransformer):
 
     def __init__(
         self, *args, pos_kind: str = "sincos", num_registers: int = 0,
-        rope_theta: float = 10000.0, **kwargs,
+        rope_theta: float = 10000.0, moe_experts: int = 0, moe_capacity: float = 1.0,
+        moe_threshold: float = 0.5, **kwargs,
     ):  # fmt: skip
         if pos_kind not in POS_KINDS:
             raise ValueError(f"pos_kind must be one of {POS_KINDS}, got {pos_kind!r}")
@@ -123,6 +128,9 @@ class VariantViT(IJEPAVisionTransformer):
                 )  # fmt: skip
         if self.reg_token is not None:
             trunc_normal_(self.reg_token, std=0.02)
+        for block in self.blocks if moe_experts else ():
+            hidden = block.mlp.fc1.out_features
+            block.mlp = DiffMoEMlp(self.embed_dim, hidden, moe_experts, moe_capacity, moe_threshold)
 
     def pos_embed_for_grid(self, grid_hw: tuple[int, int]) -> torch.Tensor:
         """(1, H*W, D) additive positions; zeros for ``rope`` (positions act in attention)."""
@@ -171,7 +179,8 @@ class VariantViT(IJEPAVisionTransformer):
 
 def create_variant_encoder(
     arch: EncoderArch, pos_kind: str = "sincos", num_registers: int = 0,
-    rope_theta: float = 10000.0, drop_path_rate: float = 0.0,
+    rope_theta: float = 10000.0, drop_path_rate: float = 0.0, moe_experts: int = 0,
+    moe_capacity: float = 1.0, moe_threshold: float = 0.5,
 ) -> VariantViT:  # fmt: skip
     """A fresh ``VariantViT`` of ``arch`` (sin-cos table filled for ``sincos``)."""
     norm = make_norm_layer(arch.block_norm, arch.layernorm_eps, arch.norm_affine)
@@ -181,6 +190,7 @@ def create_variant_encoder(
         num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, qkv_bias=arch.qkv_bias,
         class_token=False, fc_norm=False, dynamic_img_size=True, drop_path_rate=drop_path_rate,
         norm_layer=norm, pos_kind=pos_kind, num_registers=num_registers, rope_theta=rope_theta,
+        moe_experts=moe_experts, moe_capacity=moe_capacity, moe_threshold=moe_threshold,
     )  # fmt: skip
     if arch.norm != arch.block_norm:
         model.norm = make_norm_layer(arch.norm, arch.layernorm_eps, arch.norm_affine)(
@@ -220,4 +230,8 @@ def variant_from_state(
         side = None
     if side is not None:  # infer_encoder_arch reads the pretraining grid off pos_embed's length
         state = {**state, "pos_embed": torch.empty(1, side * side, 0)}
+    if MOE_KEY in state:  # ... and the MLP width off blocks.0.mlp.fc1
+        options["moe_experts"] = state[MOE_KEY].shape[0]
+        hidden = state["blocks.0.mlp.experts.0.fc1.weight"].shape[0]
+        state = {**state, "blocks.0.mlp.fc1.weight": torch.empty(hidden, 0)}
     return infer_encoder_arch(state, num_heads), options

@@ -65,6 +65,10 @@ class ModelSection:
     pred_repeats: int = 1  # predictor copies per image
     pred_replacement: bool = False  # copies draw independently (else disjoint subsets)
     tome_rates: list = field(default_factory=list)  # ToMe: tokens merged per encoder block
+    moe_experts: int = 0  # DiffMoE MLPs in the encoder (0: dense MLP)
+    moe_capacity: float = 1.0  # training: each expert takes capacity * tokens / experts tokens
+    moe_threshold: float = 0.5  # eval: capacity-predictor probability to use an expert
+    moe_aux_weight: float = 1.0  # weight of the capacity predictor's BCE in the loss
 
 
 def encoder_arch(section: ModelSection, img_size: int) -> EncoderArch:
@@ -104,7 +108,8 @@ def official_init_(module: nn.Module, blocks: nn.ModuleList, std: float = 0.02) 
     with torch.no_grad():
         for layer, block in enumerate(blocks, start=1):
             block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+            for mlp in getattr(block.mlp, "experts", [block.mlp]):  # DiffMoE: every expert
+                mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
 
 class ContextPath(nn.Module):
@@ -146,12 +151,13 @@ def build_models(
     """Fresh ``(encoder, predictor, target_encoder)`` with the official init; the target
     encoder is a frozen copy of the encoder and the sin-cos position tables are not trained."""
     arch = encoder_arch(section, img_size)
-    if section.pos_embed == "sincos" and not section.num_registers:
+    if section.pos_embed == "sincos" and not section.num_registers and not section.moe_experts:
         encoder = create_encoder(arch, pos_embed_kind="sincos", drop_path_rate=section.drop_path)
     else:
         encoder = create_variant_encoder(
-            arch, section.pos_embed, section.num_registers, section.rope_theta, section.drop_path
-        )
+            arch, section.pos_embed, section.num_registers, section.rope_theta, section.drop_path,
+            section.moe_experts, section.moe_capacity, section.moe_threshold,
+        )  # fmt: skip
     official_init_(encoder, encoder.blocks)
     if section.pos_embed == "sincos":
         encoder.pos_embed.requires_grad_(False)

@@ -34,6 +34,7 @@ from ..engine.resume import LAST, gather_rng_states, restore_rng_states
 from ..engine.utils import autocast, progress, seed_everything
 from ..eval.rank import rankme
 from ..masks.multiblock import MaskSection, MultiBlockMaskSampler
+from ..models.diffmoe import moe_aux_loss
 from .data import DataSection, GlobalBatchSampler, pretrain_transform, resolve_folders
 from .model import (
     ContextPath,
@@ -146,12 +147,12 @@ class Pretrainer:
                 "disjoint subsets need capacity * repeats <= 1 (or model.pred_replacement=true)"
             )
         if cfg.packing.enabled and (
-            m.num_registers or m.pred_capacity < 1 or m.pred_repeats > 1
+            m.num_registers or m.pred_capacity < 1 or m.pred_repeats > 1 or m.moe_experts
             or m.target_norm not in ("layernorm", "none") or m.stop
         ):  # fmt: skip
             raise ConfigError(
                 "packing.enabled=true works with model.target_norm layernorm/none and without "
-                "model.num_registers, model.stop and predictor token dropping"
+                "model.num_registers, model.moe_experts, model.stop and predictor token dropping"
             )
         if m.tome_rates and not cfg.packing.enabled:
             raise ConfigError(
@@ -297,6 +298,12 @@ class Pretrainer:
             row["rankme"] = rankme(all_gather_cat(pooled))
         return row
 
+    def moe_loss(self) -> torch.Tensor:
+        """Weighted DiffMoE capacity-predictor BCE of the context encoder's last forward."""
+        if not self.cfg.model.moe_experts:
+            return torch.zeros((), device=self.device)
+        return self.cfg.model.moe_aux_weight * moe_aux_loss(self.encoder)
+
     def masked_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward of the multiblock I-JEPA loss; returns (loss, (B, D) pooled targets)."""
         groups = self.sample_masks(len(images))
@@ -316,7 +323,8 @@ class Pretrainer:
                         targets = normed[rows].repeat(drop.repeats, 1, 1)
                         h = targets_at(targets, drop.masks_pred, len(masks_enc))
                     z = self.model(images[rows], masks_enc, masks_pred, drop)
-                    loss = prediction_loss(z, h, self.cfg.model.loss) / len(groups)
+                    loss = prediction_loss(z, h, self.cfg.model.loss)
+                    loss = (loss + self.moe_loss()) / len(groups)
                 loss.backward()
             total += loss.detach().float()
         return total, tokens.mean(dim=1).float()
@@ -342,6 +350,7 @@ class Pretrainer:
         with autocast(self.device, self.cfg.meta.use_bfloat16):
             z = self.model(batch)
             loss = packed_loss(z, target, batch.tgt_gsample, self.cfg.model.loss)
+            loss = loss + self.moe_loss()
         loss.backward()
         gsample = torch.cat([batch.ctx_gsample, batch.tgt_gsample], dim=1)
         pooled = per_image_mean(tokens.float(), gsample, len(batch.grids))

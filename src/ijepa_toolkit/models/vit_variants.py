@@ -107,6 +107,7 @@ class VariantViT(IJEPAVisionTransformer):
             no_embed_class=True, **kwargs,
         )  # fmt: skip
         self.pos_kind = pos_kind
+        self.pos_embed_kind = pos_kind  # what load_encoder logs; the parent reads it for tables
         gh, gw = self.patch_embed.grid_size
         if pos_kind == "factorized":
             self.pos_embed_row = nn.Parameter(

@@ -8,6 +8,8 @@ Formats read:
   ``{"state_dict": ...}``.
 - ``state_dict``: a bare encoder state dict.
 - ``safetensors``: this toolkit's exports (``ijepa-export``) or any safetensors encoder.
+- ``tiny_ijepa``: ``{"model", "model_args"}`` with nanoGPT-style names (``models/tiny_ijepa.py``),
+  converted to the timm names on load (LayerNorm eps 1e-5, learned positions).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .models.predictor import IJEPAPredictor, PredictorArch, infer_predictor_arch
+from .models.tiny_ijepa import TINY_IJEPA_EPS, convert_tiny_ijepa, is_tiny_ijepa
 from .models.vit import (
     POS_EMBED_KINDS,
     EncoderArch,
@@ -33,6 +36,12 @@ from .models.vit import (
     create_encoder,
     infer_encoder_arch,
     pos_embed_kind_of,
+)
+from .models.vit_variants import (
+    VariantViT,
+    create_variant_encoder,
+    is_variant_state,
+    variant_from_state,
 )
 
 logger = logging.getLogger("ijepa_toolkit")
@@ -58,6 +67,8 @@ class LoadedState:
     state_dict: dict
     epoch: Optional[int] = None
     ignored: list = field(default_factory=list)
+    num_heads: Optional[int] = None  # when the file says (tiny_ijepa ``model_args.n_head``)
+    layernorm_eps: Optional[float] = None  # when not the timm/official 1e-6
 
 
 def read_checkpoint(path: PathLike) -> dict:
@@ -176,6 +187,8 @@ def detect_format(obj: dict) -> str:
     """The layout of a loaded checkpoint: ``ijepa``, ``model``, ``state_dict``, ``safetensors``."""
     if obj.get("format") == "safetensors" and is_tensor_dict(obj.get("state_dict")):
         return "safetensors"
+    if is_tiny_ijepa(obj):
+        return "tiny_ijepa"
     if any(is_tensor_dict(obj.get(k)) for k in (*SUBMODELS, "predictor")):
         return "ijepa"
     if is_tensor_dict(obj.get("model")) or is_tensor_dict(obj.get("state_dict")):
@@ -216,6 +229,19 @@ def find_encoder_state(
         raise ValueError(f"which={which!r}; expected one of {SUBMODELS}")
     fmt = detect_format(obj)
     epoch = _epoch_of(obj)
+    if fmt == "tiny_ijepa":
+        try:
+            state, heads = convert_tiny_ijepa(obj["model"], obj["model_args"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a usable tiny-IJEPA checkpoint ({e})") from None
+        ignored = [
+            k
+            for k in obj["model"]
+            if not k.removeprefix("_orig_mod.").startswith(
+                ("transformer.wte", "transformer.wpe", "transformer.h.", "transformer.ln_f")
+            )
+        ]
+        return LoadedState(str(path), fmt, "model", state, epoch, ignored, heads, TINY_IJEPA_EPS)
     if fmt == "ijepa":
         if not is_tensor_dict(obj.get(which)):
             present = [k for k in SUBMODELS if is_tensor_dict(obj.get(k))]
@@ -289,15 +315,42 @@ def build_encoder_from_state(
     """A timm encoder holding exactly the given weights, in eval mode."""
     state = loaded.state_dict
     _check_finite(state, loaded.path)
-    arch = _arch_or_error(infer_encoder_arch, state, num_heads, loaded.path)
+    heads = num_heads if num_heads is not None else loaded.num_heads
+    if is_variant_state(state):
+        return _build_variant(loaded, heads, pos_embed)
+    arch = _arch_or_error(infer_encoder_arch, state, heads, loaded.path)
+    if loaded.layernorm_eps is not None:
+        arch.layernorm_eps = loaded.layernorm_eps
+    kind = _table_kind(state, arch, pos_embed)
+    model = create_encoder(arch, pos_embed_kind=kind)
+    _load_strict(model, state, loaded.path)
+    return model.eval()
+
+
+def _table_kind(state: dict, arch: EncoderArch, pos_embed: str) -> str:
+    """How a stored ``pos_embed`` extends to other grids (``auto``: detected numerically)."""
     grid = (arch.img_size // arch.patch_size,) * 2
     if pos_embed == "auto":
-        kind = pos_embed_kind_of(state["pos_embed"], grid)
+        kind = pos_embed_kind_of(state["pos_embed"], grid) if "pos_embed" in state else "sincos"
     elif pos_embed in POS_EMBED_KINDS:
         kind = pos_embed
     else:
         raise ValueError(f"pos_embed must be 'auto' or one of {POS_EMBED_KINDS}, got {pos_embed!r}")
-    model = create_encoder(arch, pos_embed_kind=kind)
+    return kind
+
+
+def _build_variant(loaded: LoadedState, num_heads: Optional[int], pos_embed: str) -> VariantViT:
+    """A ``VariantViT`` (registers, factorised or rotary positions) holding the given weights."""
+    state = loaded.state_dict
+    try:
+        arch, options = variant_from_state(state, num_heads, "sincos")
+    except KeyError as e:
+        raise CheckpointError(f"{loaded.path}: incomplete weights, missing key {e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{loaded.path}: {e}") from None
+    if options["pos_kind"] in POS_EMBED_KINDS:
+        options["pos_kind"] = _table_kind(state, arch, pos_embed)
+    model = create_variant_encoder(arch, **options)
     _load_strict(model, state, loaded.path)
     return model.eval()
 
@@ -541,6 +594,9 @@ def inspect_checkpoint(path: PathLike) -> dict:
         info["other_keys"] = [k for k in obj if k != key and k != "format"]
     elif fmt == "state_dict":
         candidates = {"model": obj}
+    elif fmt == "tiny_ijepa":
+        candidates = {"model": find_encoder_state(obj, path).state_dict}
+        info["other_keys"] = [k for k in obj if k != "model"]
     else:
         raise CheckpointError(f"{path}: no model weights found (top-level keys: {list(obj)[:8]})")
     for name, sd in candidates.items():

@@ -218,6 +218,8 @@ def encode_masked(encoder: VisionTransformer, x: torch.Tensor, masks: Masks) -> 
     ``x``: (B, C, H, W) images; ``masks``: (B, K) patch indices (row-major) or a list of them.
     Returns (B, K, D), or (M*B, K, D) for M masks.
     """
+    if hasattr(encoder, "encode_masked"):  # encoders with registers / RoPE (vit_variants.py)
+        return encoder.encode_masked(x, masks)
     tokens = encoder._pos_embed(encoder.patch_embed(x))
     tokens = apply_masks(tokens, masks)
     if encoder.grad_checkpointing and torch.is_grad_enabled():

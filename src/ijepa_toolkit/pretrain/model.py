@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
@@ -21,6 +21,9 @@ from ..models.vit import (
     create_encoder,
     encode_masked,
 )
+from ..models.vit_variants import create_variant_encoder
+from .packing import PackedBatch, encode_packed, predict_packed
+from .token_drop import TokenDrop, select_context
 
 # The official model sizes (src/models/vision_transformer.py): width, depth, heads, mlp ratio.
 MODEL_SIZES = {
@@ -53,6 +56,19 @@ class ModelSection:
     stop: bool = False  # StoP: stochastic positions for the predictor's target tokens
     stop_sigma: float = 0.25  # std of the StoP noise, in the encoder width
     loss: Literal["smooth_l1", "l2"] = "smooth_l1"
+    # variable-resolution options (models/vit_variants.py), off by default
+    pos_embed: Literal["sincos", "learned", "factorized", "rope"] = "sincos"
+    rope_theta: float = 10000.0
+    num_registers: int = 0  # encoder register tokens (not targets, not pooled)
+    # predictor token dropping + batch repeat (token_drop.py); 1.0 / 1 = off
+    pred_capacity: float = 1.0  # fraction of context and of target tokens per predictor copy
+    pred_repeats: int = 1  # predictor copies per image
+    pred_replacement: bool = False  # copies draw independently (else disjoint subsets)
+    tome_rates: list = field(default_factory=list)  # ToMe: tokens merged per encoder block
+    moe_experts: int = 0  # DiffMoE MLPs in the encoder (0: dense MLP)
+    moe_capacity: float = 1.0  # training: each expert takes capacity * tokens / experts tokens
+    moe_threshold: float = 0.5  # eval: capacity-predictor probability to use an expert
+    moe_aux_weight: float = 1.0  # weight of the capacity predictor's BCE in the loss
 
 
 def encoder_arch(section: ModelSection, img_size: int) -> EncoderArch:
@@ -92,23 +108,41 @@ def official_init_(module: nn.Module, blocks: nn.ModuleList, std: float = 0.02) 
     with torch.no_grad():
         for layer, block in enumerate(blocks, start=1):
             block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
-            block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+            for mlp in getattr(block.mlp, "experts", [block.mlp]):  # DiffMoE: every expert
+                mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
 
 
 class ContextPath(nn.Module):
     """Context encoder + predictor in one module (one DDP wrapper, the trained parameters).
 
     ``forward(images, masks_enc, masks_pred)``: (B, C, H, W) images -> predictions
-    (len(masks_pred) * len(masks_enc) * B, Kt, D), mask-major as the official code.
+    (len(masks_pred) * len(masks_enc) * B, Kt, D), mask-major as the official code. With a
+    ``TokenDrop`` the predictor sees its subsets of R copies: (Mp * Me * R * B, kt, D).
+    ``forward(packed_batch)``: predictions (R, Lt, D) at the packed target tokens (packing.py).
     """
 
-    def __init__(self, encoder: IJEPAVisionTransformer, predictor: IJEPAPredictor):
+    def __init__(self, encoder: IJEPAVisionTransformer, predictor: IJEPAPredictor, tome_rates=()):
         super().__init__()
         self.encoder = encoder
         self.predictor = predictor
+        self.tome_rates = tuple(tome_rates)  # ToMe in the packed encoder (packing.py)
 
-    def forward(self, images: torch.Tensor, masks_enc: Masks, masks_pred: Masks) -> torch.Tensor:
-        return self.predictor(encode_masked(self.encoder, images, masks_enc), masks_enc, masks_pred)
+    def forward(
+        self, images: torch.Tensor | PackedBatch, masks_enc: Optional[Masks] = None,
+        masks_pred: Optional[Masks] = None, drop: Optional[TokenDrop] = None,
+    ) -> torch.Tensor:  # fmt: skip
+        if isinstance(images, PackedBatch):
+            b = images
+            ctx = encode_packed(
+                self.encoder, b.ctx_px, b.ctx_ids, b.ctx_gsample, b.grids, self.tome_rates
+            )
+            return predict_packed(
+                self.predictor, ctx, b.ctx_ids, b.ctx_gsample, b.tgt_ids, b.tgt_gsample, b.grids
+            )
+        ctx = encode_masked(self.encoder, images, masks_enc)
+        if drop is None:
+            return self.predictor(ctx, masks_enc, masks_pred)
+        return self.predictor(select_context(ctx, drop), drop.masks_enc, drop.masks_pred)
 
 
 def build_models(
@@ -117,9 +151,16 @@ def build_models(
     """Fresh ``(encoder, predictor, target_encoder)`` with the official init; the target
     encoder is a frozen copy of the encoder and the sin-cos position tables are not trained."""
     arch = encoder_arch(section, img_size)
-    encoder = create_encoder(arch, pos_embed_kind="sincos", drop_path_rate=section.drop_path)
+    if section.pos_embed == "sincos" and not section.num_registers and not section.moe_experts:
+        encoder = create_encoder(arch, pos_embed_kind="sincos", drop_path_rate=section.drop_path)
+    else:
+        encoder = create_variant_encoder(
+            arch, section.pos_embed, section.num_registers, section.rope_theta, section.drop_path,
+            section.moe_experts, section.moe_capacity, section.moe_threshold,
+        )  # fmt: skip
     official_init_(encoder, encoder.blocks)
-    encoder.pos_embed.requires_grad_(False)
+    if section.pos_embed == "sincos":
+        encoder.pos_embed.requires_grad_(False)
     pred_arch = PredictorArch(
         grid=img_size // arch.patch_size, embed_dim=arch.embed_dim,
         predictor_embed_dim=section.pred_emb_dim, depth=section.pred_depth,

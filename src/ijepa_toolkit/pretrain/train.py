@@ -20,6 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -33,6 +34,7 @@ from ..engine.resume import LAST, gather_rng_states, restore_rng_states
 from ..engine.utils import autocast, progress, seed_everything
 from ..eval.rank import rankme
 from ..masks.multiblock import MaskSection, MultiBlockMaskSampler
+from ..models.diffmoe import moe_aux_loss
 from .data import DataSection, GlobalBatchSampler, pretrain_transform, resolve_folders
 from .model import (
     ContextPath,
@@ -42,9 +44,11 @@ from .model import (
     prediction_loss,
     targets_at,
 )
+from .packing import PackingSection, PackingStream, encode_packed, packed_loss, per_image_mean
 from .probes import knn_probe, lidar_probe
 from .schedules import Schedules
 from .targets import TargetNorm
+from .token_drop import TokenDrop, sample_token_drop
 
 logger = logging.getLogger("ijepa_toolkit")
 SUBMODULES = ("encoder", "predictor", "target_encoder")
@@ -90,6 +94,7 @@ class PretrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     optimization: OptimizationSection = field(default_factory=OptimizationSection)
     logging: PretrainLogging = field(default_factory=PretrainLogging)
+    packing: PackingSection = field(default_factory=PackingSection)
 
 
 class TrainingDiverged(RuntimeError):
@@ -130,6 +135,29 @@ class Pretrainer:
                 f"mask.group_size={cfg.mask.group_size} must divide "
                 f"data.batch_size={cfg.data.batch_size}"
             )
+        m = cfg.model
+        if not 0 < m.pred_capacity <= 1 or m.pred_repeats < 1:
+            raise ConfigError(
+                f"model.pred_capacity={m.pred_capacity} must be in (0, 1] and "
+                f"model.pred_repeats={m.pred_repeats} at least 1"
+            )
+        if not m.pred_replacement and m.pred_capacity * m.pred_repeats > 1 + 1e-9:
+            raise ConfigError(
+                f"model.pred_capacity={m.pred_capacity} x model.pred_repeats={m.pred_repeats} > 1: "
+                "disjoint subsets need capacity * repeats <= 1 (or model.pred_replacement=true)"
+            )
+        if cfg.packing.enabled and (
+            m.num_registers or m.pred_capacity < 1 or m.pred_repeats > 1 or m.moe_experts
+            or m.target_norm not in ("layernorm", "none") or m.stop
+        ):  # fmt: skip
+            raise ConfigError(
+                "packing.enabled=true works with model.target_norm layernorm/none and without "
+                "model.num_registers, model.moe_experts, model.stop and predictor token dropping"
+            )
+        if m.tome_rates and not cfg.packing.enabled:
+            raise ConfigError(
+                "model.tome_rates is implemented for packed rows: set packing.enabled"
+            )
         self.device = dist_info.device
         self.folder = Path(cfg.logging.folder)
         self.ckpt_path = self.folder / LAST
@@ -138,7 +166,7 @@ class Pretrainer:
             m.to(self.device) for m in build_models(cfg.model, cfg.data.crop_size)
         )
         seed_everything(cfg.meta.seed, dist_info.rank)  # each rank its own data / noise stream
-        self.context = ContextPath(self.encoder, self.predictor)
+        self.context = ContextPath(self.encoder, self.predictor, cfg.model.tome_rates)
         self.target_norm = TargetNorm(cfg.model.target_norm, self.encoder.embed_dim).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.encoder, self.predictor))
         train_folder, self.knn_train, self.knn_val = resolve_folders(cfg.data)
@@ -161,6 +189,7 @@ class Pretrainer:
         )  # fmt: skip
         grid = cfg.data.crop_size // self.encoder.arch.patch_size
         self.masks = MultiBlockMaskSampler((grid, grid), cfg.mask)
+        self.packer = PackingStream(self.encoder.arch.patch_size, cfg.packing)
         self.model = self.context
         if dist_info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -222,6 +251,15 @@ class Pretrainer:
                            [m.to(self.device) for m in pred]))  # fmt: skip
         return groups
 
+    def sample_token_drop(self, masks_enc: list, masks_pred: list) -> Optional[TokenDrop]:
+        """The predictor's token subsets for one mask group (None: token dropping is off)."""
+        m = self.cfg.model
+        if m.pred_capacity >= 1.0 and m.pred_repeats == 1:
+            return None
+        return sample_token_drop(
+            masks_enc, masks_pred, m.pred_capacity, m.pred_repeats, m.pred_replacement
+        )
+
     def train_step(self, images: torch.Tensor) -> dict:
         """One optimisation step on (B, C, H, W) images; returns the monitored scalars.
 
@@ -233,21 +271,11 @@ class Pretrainer:
             group["lr"] = lr
             if not group.get("WD_exclude"):
                 group["weight_decay"] = wd
-        groups = self.sample_masks(len(images))
-        with autocast(self.device, self.cfg.meta.use_bfloat16), torch.no_grad():
-            tokens = self.target_encoder.forward_features(images)
-            normed = self.target_norm(tokens)
-        total = torch.zeros((), device=self.device)
-        for i, (rows, masks_enc, masks_pred) in enumerate(groups):
-            last = i == len(groups) - 1
-            sync = self.model.no_sync() if self.dist.distributed and not last else nullcontext()
-            with sync:
-                with autocast(self.device, self.cfg.meta.use_bfloat16):
-                    h = targets_at(normed[rows], masks_pred, len(masks_enc))
-                    z = self.model(images[rows], masks_enc, masks_pred)
-                    loss = prediction_loss(z, h, self.cfg.model.loss) / len(groups)
-                loss.backward()
-            total += loss.detach().float()
+        extra: dict = {}
+        if self.cfg.packing.enabled:
+            total, pooled, extra = self.packed_loss(images)
+        else:
+            total, pooled = self.masked_loss(images)
         loss_value = float(all_reduce_sum(total)) / self.dist.world_size
         if not math.isfinite(loss_value):
             last = (f"{self.ckpt_path} (epoch {self.epoch})" if self.ckpt_path.exists()
@@ -263,13 +291,70 @@ class Pretrainer:
         self.optimizer.zero_grad(set_to_none=True)
         ema_update_(self.target_encoder, self.encoder, momentum)
         self.step += 1
-        pooled = tokens.mean(dim=1).float()
         row = dict(loss=loss_value, lr=lr, wd=wd, momentum=momentum, grad_norm=grad_norm,
-                   target_std=float(pooled.std(dim=0).mean()))  # fmt: skip
+                   target_std=float(pooled.std(dim=0).mean()), **extra)  # fmt: skip
         freq = self.cfg.logging.rankme_freq
         if freq and self.step % freq == 0:
             row["rankme"] = rankme(all_gather_cat(pooled))
         return row
+
+    def moe_loss(self) -> torch.Tensor:
+        """Weighted DiffMoE capacity-predictor BCE of the context encoder's last forward."""
+        if not self.cfg.model.moe_experts:
+            return torch.zeros((), device=self.device)
+        return self.cfg.model.moe_aux_weight * moe_aux_loss(self.encoder)
+
+    def masked_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward of the multiblock I-JEPA loss; returns (loss, (B, D) pooled targets)."""
+        groups = self.sample_masks(len(images))
+        with autocast(self.device, self.cfg.meta.use_bfloat16), torch.no_grad():
+            tokens = self.target_encoder.forward_features(images)
+            normed = self.target_norm(tokens)
+        total = torch.zeros((), device=self.device)
+        for i, (rows, masks_enc, masks_pred) in enumerate(groups):
+            last = i == len(groups) - 1
+            sync = self.model.no_sync() if self.dist.distributed and not last else nullcontext()
+            with sync:
+                with autocast(self.device, self.cfg.meta.use_bfloat16):
+                    drop = self.sample_token_drop(masks_enc, masks_pred)
+                    if drop is None:
+                        h = targets_at(normed[rows], masks_pred, len(masks_enc))
+                    else:
+                        targets = normed[rows].repeat(drop.repeats, 1, 1)
+                        h = targets_at(targets, drop.masks_pred, len(masks_enc))
+                    z = self.model(images[rows], masks_enc, masks_pred, drop)
+                    loss = prediction_loss(z, h, self.cfg.model.loss)
+                    loss = (loss + self.moe_loss()) / len(groups)
+                loss.backward()
+            total += loss.detach().float()
+        return total, tokens.mean(dim=1).float()
+
+    def packed_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Backward of the packed variable-resolution loss (packing.py).
+
+        Returns (loss, (B, D) per-image mean target tokens, {"padding": padding rate}).
+        """
+        g = torch.Generator()
+        g.manual_seed(hash((self.cfg.meta.seed, self.step, self.dist.rank)) % 2**63)
+        batch, _ = self.packer(list(images.cpu()), list(range(len(images))), g)
+        batch = batch.to(self.device)
+        n_ctx = batch.ctx_ids.shape[1]
+        with autocast(self.device, self.cfg.meta.use_bfloat16), torch.no_grad():
+            tokens = encode_packed(
+                self.target_encoder, torch.cat([batch.ctx_px, batch.tgt_px], dim=1),
+                torch.cat([batch.ctx_ids, batch.tgt_ids], dim=1),
+                torch.cat([batch.ctx_gsample, batch.tgt_gsample], dim=1), batch.grids,
+                self.cfg.model.tome_rates,
+            )  # fmt: skip
+            target = self.target_norm(tokens[:, n_ctx:])
+        with autocast(self.device, self.cfg.meta.use_bfloat16):
+            z = self.model(batch)
+            loss = packed_loss(z, target, batch.tgt_gsample, self.cfg.model.loss)
+            loss = loss + self.moe_loss()
+        loss.backward()
+        gsample = torch.cat([batch.ctx_gsample, batch.tgt_gsample], dim=1)
+        pooled = per_image_mean(tokens.float(), gsample, len(batch.grids))
+        return loss.detach().float(), pooled, {"padding": batch.padding_rate}
 
     # -- epochs ---------------------------------------------------------------------------
     def probes(self) -> dict:

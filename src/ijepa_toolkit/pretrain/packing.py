@@ -1,0 +1,277 @@
+"""NaViT-style sample packing for variable-resolution I-JEPA.
+
+Each image is resized to a random longer side in ``[min_side, max_side]`` pixels with its aspect
+kept, both sides rounded to whole ``patch * window`` units; one random target block (a rectangle
+of patches) is split off, the rest is context. Images are first-fit packed into rows with a fixed
+context budget and a fixed target budget (no image is ever dropped: one that fits no empty row is
+an error, and every image lands in exactly one row). Per token: ids ``(sample, register, row,
+col)`` (sample ``-1`` = padding) and the flattened patch pixels. Attention is restricted to tokens
+of the same image with a boolean ``scaled_dot_product_attention`` mask; padding only attends to
+padding and is never in the loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..models.pos_embed import sincos_2d
+from ..models.tome import tome_blocks
+
+PAD = -1
+
+
+@dataclass
+class PackingSection:
+    """The ``packing`` config section (off by default)."""
+
+    enabled: bool = False
+    min_side: int = 16  # pixels, longer side
+    max_side: int = 32
+    window: int = 1  # sides are multiples of patch * window (2: 2x2 windows)
+    ctx_budget: int = 256  # context tokens per packed row
+    tgt_budget: int = 64  # target tokens per packed row
+    target_scale: list = field(default_factory=lambda: [0.15, 0.25])  # block area / image area
+    target_aspect: list = field(default_factory=lambda: [0.75, 1.5])
+    carry_over: bool = True  # the least full row's images wait for the next step (less padding)
+
+
+@dataclass
+class PackedBatch:
+    """Rows of packed tokens. ``*_ids``: (R, L, 4) long (sample-in-row, register, row, col);
+    ``*_px``: (R, L, C*p*p) patch pixels; ``*_gsample``: (R, L) index into ``grids`` (-1 pad)."""
+
+    ctx_px: torch.Tensor
+    ctx_ids: torch.Tensor
+    ctx_gsample: torch.Tensor
+    tgt_px: torch.Tensor
+    tgt_ids: torch.Tensor
+    tgt_gsample: torch.Tensor
+    grids: list  # (gh, gw) of every input image, in input order
+    rows: list  # input indices packed in each row
+
+    def to(self, device) -> PackedBatch:
+        """The same batch with its tensors on ``device``."""
+        moved = {k: v.to(device) for k, v in vars(self).items() if torch.is_tensor(v)}
+        return PackedBatch(**{**vars(self), **moved})
+
+    def drop_row(self, r: int) -> PackedBatch:
+        """The batch without row ``r`` (its images stay listed in ``grids``, in no row)."""
+        keep = [i for i in range(len(self.rows)) if i != r]
+        rows = {k: v[keep] for k, v in vars(self).items() if torch.is_tensor(v)}
+        return PackedBatch(**{**vars(self), **rows, "rows": [self.rows[i] for i in keep]})
+
+    @property
+    def padding_rate(self) -> float:
+        """Fraction of token slots (context + target) holding padding."""
+        pads = (self.ctx_gsample == PAD).sum() + (self.tgt_gsample == PAD).sum()
+        return float(pads) / (self.ctx_gsample.numel() + self.tgt_gsample.numel())
+
+
+def resized_shape(h: int, w: int, side: int, unit: int) -> tuple[int, int]:
+    """(H, W) with the longer side ``side``, aspect kept, both rounded to multiples of ``unit``."""
+    scale = side / max(h, w)
+    return (max(unit, round(h * scale / unit) * unit), max(unit, round(w * scale / unit) * unit))
+
+
+def target_block(gh: int, gw: int, scale: float, aspect: float, gen: torch.Generator):
+    """Patch indices (row-major) of a random ``scale``-area block and of the rest (context)."""
+    if gh * gw < 2:
+        raise ValueError(f"a {gh}x{gw}-patch image has no room for both context and target")
+    area = max(1.0, scale * gh * gw)
+    bh = min(gh, max(1, round(math.sqrt(area * aspect))))
+    bw = min(gw, max(1, round(math.sqrt(area / aspect))))
+    if bh * bw == gh * gw:  # keep at least one context patch
+        bh, bw = (bh - 1, bw) if bh > 1 else (bh, bw - 1)
+    top = int(torch.randint(gh - bh + 1, (1,), generator=gen))
+    left = int(torch.randint(gw - bw + 1, (1,), generator=gen))
+    inside = torch.zeros(gh, gw, dtype=torch.bool)
+    inside[top : top + bh, left : left + bw] = True
+    flat = inside.flatten()
+    return flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
+
+
+def first_fit(lengths: list, ctx_budget: int, tgt_budget: int) -> list:
+    """Rows of item indices: items, longest first, each go into the first row with room for both
+    their ``(ctx, tgt)`` lengths (first-fit decreasing); every item lands in exactly one row.
+
+    Raises ``ValueError`` for an item larger than the budgets (it could never be packed).
+    """
+    rows, used = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -sum(lengths[i])):
+        c, t = lengths[i]
+        if c > ctx_budget or t > tgt_budget:
+            raise ValueError(
+                f"image {i} has {c} context / {t} target tokens, more than the row budgets "
+                f"{ctx_budget} / {tgt_budget}; raise packing.ctx_budget / tgt_budget or lower "
+                "packing.max_side"
+            )
+        for r, (uc, ut) in enumerate(used):
+            if uc + c <= ctx_budget and ut + t <= tgt_budget:
+                rows[r].append(i)
+                used[r] = (uc + c, ut + t)
+                break
+        else:
+            rows.append([i])
+            used.append((c, t))
+    return rows
+
+
+def patchify(image: torch.Tensor, patch: int) -> torch.Tensor:
+    """(C, H, W) -> (H/p * W/p, C*p*p), row-major patches flattened (channel, row, column)."""
+    c, h, w = image.shape
+    x = image.reshape(c, h // patch, patch, w // patch, patch).permute(1, 3, 0, 2, 4)
+    return x.reshape((h // patch) * (w // patch), c * patch * patch)
+
+
+def pack(images: list, patch: int, section: PackingSection, gen: torch.Generator) -> PackedBatch:
+    """Resize, split and pack (C, H, W) images (any sizes) into rows; see the module docstring."""
+    unit = patch * section.window
+    items, lengths, grids = [], [], []
+    for img in images:
+        side = int(torch.randint(section.min_side, section.max_side + 1, (1,), generator=gen))
+        hw = resized_shape(img.shape[-2], img.shape[-1], side, unit)
+        x = F.interpolate(img[None], size=hw, mode="bilinear", antialias=True, align_corners=False)
+        gh, gw = hw[0] // patch, hw[1] // patch
+        lo, hi = section.target_scale
+        scale = lo + (hi - lo) * float(torch.rand(1, generator=gen))
+        log_a = [math.log(a) for a in section.target_aspect]
+        aspect = math.exp(log_a[0] + (log_a[1] - log_a[0]) * float(torch.rand(1, generator=gen)))
+        tgt, ctx = target_block(gh, gw, scale, aspect, gen)
+        items.append((patchify(x[0], patch), ctx, tgt, gw))
+        lengths.append((len(ctx), len(tgt)))
+        grids.append((gh, gw))
+    rows = first_fit(lengths, section.ctx_budget, section.tgt_budget)
+    dim = items[0][0].shape[1]
+    parts = {}
+    for part, budget, which in (("ctx", section.ctx_budget, 1), ("tgt", section.tgt_budget, 2)):
+        px = torch.zeros(len(rows), budget, dim)
+        ids = torch.full((len(rows), budget, 4), PAD, dtype=torch.long)
+        ids[..., 1] = 0
+        gsample = torch.full((len(rows), budget), PAD, dtype=torch.long)
+        for r, members in enumerate(rows):
+            at = 0
+            for s, i in enumerate(members):
+                tokens, index, gw = items[i][0], items[i][which], items[i][3]
+                n = len(index)
+                px[r, at : at + n] = tokens[index]
+                ids[r, at : at + n, 0] = s
+                ids[r, at : at + n, 2] = index // gw
+                ids[r, at : at + n, 3] = index % gw
+                gsample[r, at : at + n] = i
+                at += n
+        parts[part] = (px, ids, gsample)
+    return PackedBatch(*parts["ctx"], *parts["tgt"], grids=grids, rows=rows)
+
+
+class PackingStream:
+    """Packs each step's images together with those carried over from the previous step.
+
+    With ``carry_over`` the least full row of a step (when there are several) is not emitted: its
+    images are packed again, first, with the next step's images. No image is dropped: each one
+    comes out in exactly one emitted row, or is still ``waiting``.
+    """
+
+    def __init__(self, patch: int, section: PackingSection):
+        self.patch, self.section = patch, section
+        self.waiting: list = []  # (key, image) carried to the next step
+
+    def __call__(self, images: list, keys: list, gen: torch.Generator) -> tuple[PackedBatch, list]:
+        """Pack ``waiting + images``; returns the batch and the keys of its images, in order."""
+        pending = self.waiting + list(zip(keys, images))
+        batch = pack([img for _, img in pending], self.patch, self.section, gen)
+        self.waiting = []
+        if self.section.carry_over and len(batch.rows) > 1:
+            fill = (batch.ctx_gsample != PAD).sum(1) + (batch.tgt_gsample != PAD).sum(1)
+            last = int(fill.argmin())
+            self.waiting = [pending[i] for i in batch.rows[last]]
+            batch = batch.drop_row(last)
+        return batch, [pending[i][0] for i in range(len(pending))]
+
+
+def same_image_mask(ids: torch.Tensor) -> torch.Tensor:
+    """(R, L, 4) ids -> (R, 1, L, L) boolean SDPA mask: True where both tokens share an image.
+
+    Padding (sample -1) attends only to padding, so no softmax row is empty.
+    """
+    return _sample_mask(ids[..., 0])
+
+
+def _sample_mask(sample: torch.Tensor) -> torch.Tensor:
+    return (sample[:, :, None] == sample[:, None, :]).unsqueeze(1)
+
+
+def _positions(tables: list, gsample: torch.Tensor, ids: torch.Tensor, grids: list):
+    """(R, L, D) rows of per-image position tables (zeros at padding)."""
+    flat = torch.cat(tables, dim=0)
+    offsets = torch.tensor([0] + [gh * gw for gh, gw in grids]).cumsum(0)[:-1]
+    widths = torch.tensor([gw for _, gw in grids])
+    g = gsample.clamp(min=0)
+    index = offsets[g] + ids[..., 2].clamp(min=0) * widths[g] + ids[..., 3].clamp(min=0)
+    pos = flat[index.to(flat.device)]
+    return pos * (gsample != PAD).unsqueeze(-1).to(pos.device, pos.dtype)
+
+
+def encode_packed(encoder, px, ids, gsample, grids, tome_rates: Sequence = ()) -> torch.Tensor:
+    """Encoder over packed rows: (R, L, C*p*p) pixels -> (R, L, D) tokens after the final norm.
+
+    Positions come from ``encoder.pos_embed_for_grid`` at each image's own grid (sin-cos exact,
+    learned resampled, factorised, or RoPE on q/k); attention stays within each image.
+    ``tome_rates``: tokens merged per block (ToMe, within images, unmerged before the norm).
+    """
+    if getattr(encoder, "reg_token", None) is not None:
+        raise ValueError("packing with encoder registers is not supported")
+    proj = encoder.patch_embed.proj
+    x = F.linear(px.to(proj.weight.dtype), proj.weight.flatten(1), proj.bias)
+    tables = [encoder.pos_embed_for_grid(g)[0] for g in grids]
+    x = x + _positions(tables, gsample, ids, grids)
+    if getattr(encoder, "rope", None) is not None:
+        encoder.rope.pos = ids[..., 2:].clamp(min=0).float()
+    if any(tome_rates):
+        if getattr(encoder, "rope", None) is not None:
+            raise ValueError("ToMe with RoPE is not supported (merged tokens have no position)")
+        sample = ids[..., 0]
+        x = tome_blocks(encoder.blocks, x, list(tome_rates), sample, _sample_mask)
+        return encoder.norm(x)
+    mask = same_image_mask(ids)
+    for block in encoder.blocks:
+        x = block(x, attn_mask=mask)
+    return encoder.norm(x)
+
+
+def predict_packed(predictor, ctx, ctx_ids, ctx_gsample, tgt_ids, tgt_gsample, grids):
+    """The I-JEPA predictor over packed rows: context (R, Lc, D) -> predictions (R, Lt, D).
+
+    Context tokens and mask tokens get the predictor's sin-cos positions at each image's grid;
+    attention stays within each image (context and targets of the same sample).
+    """
+    width = predictor.predictor_embed.out_features
+    tables = [sincos_2d(width, g).to(ctx.device, ctx.dtype)[0] for g in grids]
+    x = predictor.predictor_embed(ctx) + _positions(tables, ctx_gsample, ctx_ids, grids)
+    t = predictor.mask_token.to(x.dtype) + _positions(tables, tgt_gsample, tgt_ids, grids)
+    x = torch.cat([x, t], dim=1)
+    mask = same_image_mask(torch.cat([ctx_ids, tgt_ids], dim=1))
+    for block in predictor.predictor_blocks:
+        x = block(x, attn_mask=mask)
+    return predictor.predictor_proj(predictor.predictor_norm(x[:, ctx.shape[1] :]))
+
+
+def per_image_mean(tokens: torch.Tensor, gsample: torch.Tensor, n: int) -> torch.Tensor:
+    """(R, L, D) packed tokens -> (n', D) mean over the tokens of each of the n' images present
+    (padding ignored), in image order."""
+    valid = gsample != PAD
+    sums = tokens.new_zeros(n, tokens.shape[-1]).index_add_(0, gsample[valid], tokens[valid])
+    counts = torch.bincount(gsample[valid], minlength=n).to(tokens.dtype)
+    present = counts > 0
+    return sums[present] / counts[present, None]
+
+
+def packed_loss(pred: torch.Tensor, target: torch.Tensor, gsample: torch.Tensor, kind: str):
+    """Mean smooth-L1 / squared error over the non-padding (R, L, D) target tokens only."""
+    valid = gsample != PAD
+    p, t = pred[valid], target[valid]
+    return F.smooth_l1_loss(p, t) if kind == "smooth_l1" else F.mse_loss(p, t)

@@ -1,0 +1,72 @@
+"""Predictor token dropping with batch repeat: fractions, disjointness, the plain-step limit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ijepa_toolkit.models.predictor import IJEPAPredictor, PredictorArch
+from ijepa_toolkit.models.vit import EncoderArch, create_encoder
+from ijepa_toolkit.pretrain.model import ContextPath, targets_at
+from ijepa_toolkit.pretrain.token_drop import sample_token_drop, select_context
+
+
+def _masks(b: int, k: int, n: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(n, generator=g)[:k].sort().values for _ in range(b)])
+
+
+@pytest.mark.parametrize("replacement", [False, True])
+def test_fractions_and_repeat_layout(replacement):
+    b, r, cap = 3, 4, 0.25
+    enc, pred = [_masks(b, 40)], [_masks(b, 12, seed=1), _masks(b, 8, seed=2)]
+    drop = sample_token_drop(enc, pred, cap, r, replacement)
+    assert drop.masks_enc[0].shape == (r * b, 10) and drop.ctx_keep[0].shape == (r * b, 10)
+    assert [m.shape for m in drop.masks_pred] == [(r * b, 3), (r * b, 2)]
+    for j in range(r):  # copy j of image i is row j*B + i and holds only that image's patches
+        for i in range(b):
+            row = drop.masks_enc[0][j * b + i]
+            assert set(row.tolist()) <= set(enc[0][i].tolist()) and len(set(row.tolist())) == 10
+    if not replacement:  # 4 copies x 25 %: every context token of an image exactly once
+        for i in range(b):
+            seen = torch.cat([drop.masks_enc[0][j * b + i] for j in range(r)])
+            assert sorted(seen.tolist()) == enc[0][i].tolist()
+
+
+def test_replacement_draws_overlap_sometimes():
+    enc = [_masks(8, 40)]
+    drop = sample_token_drop(enc, [_masks(8, 12)], 0.5, 2, replacement=True)
+    first, second = drop.masks_enc[0][:8], drop.masks_enc[0][8:]
+    overlaps = [len(set(a.tolist()) & set(c.tolist())) for a, c in zip(first, second)]
+    assert max(overlaps) > 0  # disjoint draws would always give 0
+
+
+def test_too_many_disjoint_copies_is_an_error():
+    with pytest.raises(ValueError, match="pred_capacity"):
+        sample_token_drop([_masks(2, 10)], [_masks(2, 4)], 0.5, 3, replacement=False)
+
+
+def test_select_context_gathers_the_kept_tokens():
+    b, r = 2, 2
+    enc = [_masks(b, 16), _masks(b, 16, seed=3)]
+    ctx = torch.randn(2 * b, 16, 8)  # mask-major encoder output
+    drop = sample_token_drop(enc, [_masks(b, 8)], 0.5, r, replacement=False)
+    out = select_context(ctx, drop)
+    assert out.shape == (2 * r * b, 8, 8)
+    m, j, i = 1, 1, 0  # mask 1, copy 1, image 0
+    row = m * r * b + j * b + i
+    assert torch.equal(out[row], ctx[m * b + i, drop.ctx_keep[m][j * b + i]])
+
+
+def test_full_capacity_single_copy_is_the_plain_step():
+    torch.manual_seed(0)
+    arch = EncoderArch(img_size=32, patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    pred = IJEPAPredictor(PredictorArch(grid=8, embed_dim=32, predictor_embed_dim=16, depth=1,
+                                        num_heads=2))  # fmt: skip
+    path = ContextPath(create_encoder(arch), pred).eval()
+    images, enc, tgt = torch.randn(2, 3, 32, 32), [_masks(2, 30)], [_masks(2, 9, seed=5)]
+    drop = sample_token_drop(enc, tgt, 1.0, 1, replacement=False)
+    tokens = torch.randn(2, 64, 32)
+    with torch.no_grad():
+        assert torch.allclose(path(images, enc, tgt, drop), path(images, enc, tgt), atol=1e-6)
+    assert torch.equal(targets_at(tokens, drop.masks_pred, 1), targets_at(tokens, tgt, 1))

@@ -180,6 +180,15 @@ def test_save_checkpoint_writes_and_overwrites(tmp_path):
     assert sorted(os.listdir(path.parent)) == ["ckpt.pth"]
 
 
+def test_save_checkpoint_removes_temp_files_of_killed_writes(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    (tmp_path / ".ckpt.pth.abc123.tmp").write_bytes(b"half a checkpoint")  # a killed write
+    (tmp_path / ".other.pth.xyz.tmp").write_bytes(b"another file's write")
+    save_checkpoint({"epoch": 3}, path)
+    assert sorted(os.listdir(tmp_path)) == [".other.pth.xyz.tmp", "ckpt.pth"]
+    assert read_checkpoint(path)["epoch"] == 3
+
+
 def test_save_checkpoint_failure_keeps_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pth"
     save_checkpoint({"epoch": 1}, path)

@@ -14,6 +14,7 @@ Formats read:
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -426,10 +427,14 @@ def load_predictor(path: PathLike, num_heads: Optional[int] = None) -> IJEPAPred
 def save_checkpoint(obj: Any, path: PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    A crash at any moment leaves either the old file or the new one, never a partial file.
+    A crash at any moment leaves either the old file or the new one, never a partial file. The
+    temporary files of writes that a kill interrupted are removed by the next save (one writer
+    per path is assumed: the main rank).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     writer = None
     try:

@@ -21,6 +21,16 @@ ARCH_JSON = FIXTURES / "ijepa_vit_p8_d64.json"
 NUM_HEADS = 4
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids thread sync stalls on a busy 2-core machine
+    (``make test`` also sets OMP_NUM_THREADS=1 for the subprocesses the tests start)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ckpt_path() -> Path:
     """The official-format checkpoint (read-only file)."""

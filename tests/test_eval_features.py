@@ -34,15 +34,6 @@ DATA = EvalDataSection(img_size=16, crop_ratio=1.0, batch_size=32, num_workers=0
 SINGLE = DistInfo()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids thread sync stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> Path:
     train, _ = build_digits_imagefolder(tmp_path_factory.mktemp("d") / "digits", 16, per_class=8)

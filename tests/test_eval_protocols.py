@@ -24,15 +24,6 @@ from ijepa_toolkit.eval.knn import knn_scores  # noqa: E402
 FIXTURE = REPO / "tests" / "fixtures" / "ijepa_vit_p8_d64.pth.tar"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids thread sync stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("protocols")

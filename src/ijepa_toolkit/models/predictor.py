@@ -7,6 +7,11 @@ StoP (Bar et al., 2024, "Stochastic positional embeddings improve masked image m
 tokens (which keeps the learned noise covariance from collapsing), the mask token is unused (kept,
 frozen, so checkpoints keep the official key names), and noise is drawn in train and eval mode,
 as in the StoP code.
+
+Registers (Darcet et al., 2024): ``arch.num_registers = N > 0`` adds a learned
+``predictor_registers`` (1, N, Dp) prepended to every predictor sequence and dropped before
+``predictor_proj``'s output is returned, so they are never predictions and never in the loss.
+With N = 0 (default) the module has exactly the official parameters and forward.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class PredictorArch:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     layernorm_eps: float = 1e-6
+    num_registers: int = 0  # learned predictor register tokens (0: the official predictor)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +60,7 @@ class IJEPAPredictor(nn.Module):
     tokens, ``masks_x`` the context index tensor(s) (B, Kc), ``masks`` the target index tensor(s)
     (B, Kt). Returns (len(masks)*len(masks_x)*B, Kt, D) predictions, mask-major.
     ``stop_sigma > 0`` switches on StoP (module docstring); 0 is the exact official forward.
+    ``arch.num_registers > 0`` prepends that many learned register tokens (module docstring).
     """
 
     def __init__(self, arch: PredictorArch, drop_path_rate: float = 0.0, stop_sigma: float = 0.0):
@@ -76,6 +83,9 @@ class IJEPAPredictor(nn.Module):
         self.predictor_norm = norm_layer(dim)
         self.predictor_proj = nn.Linear(dim, arch.embed_dim, bias=True)
         trunc_normal_(self.mask_token, std=0.02)
+        if arch.num_registers > 0:
+            self.predictor_registers = nn.Parameter(torch.zeros(1, arch.num_registers, dim))
+            trunc_normal_(self.predictor_registers, std=0.02)
         if stop_sigma > 0:
             self.mask_token.requires_grad_(False)
 
@@ -97,14 +107,20 @@ class IJEPAPredictor(nn.Module):
         else:
             pred_tokens = self.mask_token.to(x.dtype) + target_pos
         x = torch.cat([x.repeat(len(masks), 1, 1), pred_tokens], dim=1)
+        n_prefix = n_context
+        if self.arch.num_registers > 0:
+            registers = self.predictor_registers.to(x.dtype).expand(len(x), -1, -1)
+            x = torch.cat([registers, x], dim=1)
+            n_prefix += self.arch.num_registers
         for blk in self.predictor_blocks:
             x = blk(x)
         x = self.predictor_norm(x)
-        return self.predictor_proj(x[:, n_context:])
+        return self.predictor_proj(x[:, n_prefix:])
 
 
 def infer_predictor_arch(state_dict: dict, num_heads: Optional[int] = None) -> PredictorArch:
-    """Read the predictor shape off its tensors. Heads default to the encoder width's table."""
+    """Read the predictor shape off its tensors. Heads default to the encoder width's table;
+    a ``predictor_registers`` (1, N, Dp) tensor gives ``num_registers = N``."""
     dim, embed_dim = state_dict["predictor_embed.weight"].shape
     depth = count_blocks(state_dict, "predictor_blocks")
     hidden = state_dict["predictor_blocks.0.mlp.fc1.weight"].shape[0]
@@ -123,4 +139,7 @@ def infer_predictor_arch(state_dict: dict, num_heads: Optional[int] = None) -> P
         num_heads=heads,
         mlp_ratio=hidden / dim,
         qkv_bias="predictor_blocks.0.attn.qkv.bias" in state_dict,
+        num_registers=(
+            state_dict["predictor_registers"].shape[1] if "predictor_registers" in state_dict else 0
+        ),
     )

@@ -60,6 +60,7 @@ class ModelSection:
     pos_embed: Literal["sincos", "learned", "factorized", "rope"] = "sincos"
     rope_theta: float = 10000.0
     num_registers: int = 0  # encoder register tokens (not targets, not pooled)
+    pred_num_registers: int = 0  # predictor register tokens (never predictions, never in the loss)
     # predictor token dropping + batch repeat (token_drop.py); 1.0 / 1 = off
     pred_capacity: float = 1.0  # fraction of context and of target tokens per predictor copy
     pred_repeats: int = 1  # predictor copies per image
@@ -164,7 +165,7 @@ def build_models(
     pred_arch = PredictorArch(
         grid=img_size // arch.patch_size, embed_dim=arch.embed_dim,
         predictor_embed_dim=section.pred_emb_dim, depth=section.pred_depth,
-        num_heads=arch.num_heads,
+        num_heads=arch.num_heads, num_registers=section.pred_num_registers,
     )  # fmt: skip
     stop_sigma = section.stop_sigma if section.stop else 0.0
     predictor = IJEPAPredictor(pred_arch, drop_path_rate=section.drop_path, stop_sigma=stop_sigma)

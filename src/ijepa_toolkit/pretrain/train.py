@@ -136,6 +136,11 @@ class Pretrainer:
                 f"data.batch_size={cfg.data.batch_size}"
             )
         m = cfg.model
+        if m.num_registers < 0 or m.pred_num_registers < 0:
+            raise ConfigError(
+                f"model.num_registers={m.num_registers} and "
+                f"model.pred_num_registers={m.pred_num_registers} must be >= 0"
+            )
         if not 0 < m.pred_capacity <= 1 or m.pred_repeats < 1:
             raise ConfigError(
                 f"model.pred_capacity={m.pred_capacity} must be in (0, 1] and "
@@ -147,12 +152,13 @@ class Pretrainer:
                 "disjoint subsets need capacity * repeats <= 1 (or model.pred_replacement=true)"
             )
         if cfg.packing.enabled and (
-            m.num_registers or m.pred_capacity < 1 or m.pred_repeats > 1 or m.moe_experts
-            or m.target_norm not in ("layernorm", "none") or m.stop
+            m.num_registers or m.pred_num_registers or m.pred_capacity < 1 or m.pred_repeats > 1
+            or m.moe_experts or m.target_norm not in ("layernorm", "none") or m.stop
         ):  # fmt: skip
             raise ConfigError(
                 "packing.enabled=true works with model.target_norm layernorm/none and without "
-                "model.num_registers, model.moe_experts, model.stop and predictor token dropping"
+                "model.num_registers, model.pred_num_registers, model.moe_experts, model.stop and "
+                "predictor token dropping"
             )
         if m.tome_rates and not cfg.packing.enabled:
             raise ConfigError(

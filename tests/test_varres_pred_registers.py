@@ -1,0 +1,100 @@
+"""Predictor register tokens (``model.pred_num_registers``): excluded from the predictions,
+trained, saved and reloaded by ``load_predictor``; 0 registers is the official predictor."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ijepa_toolkit.checkpoint import load_predictor
+from ijepa_toolkit.config import ConfigError, load_config
+from ijepa_toolkit.data.digits import build_digits_imagefolder
+from ijepa_toolkit.engine.distributed import DistInfo
+from ijepa_toolkit.models.predictor import IJEPAPredictor, PredictorArch
+from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_cpu.yaml"
+ARCH = dict(grid=4, embed_dim=32, predictor_embed_dim=16, num_heads=2)
+
+
+def _inputs(batch: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ctx_ids = torch.stack([torch.randperm(16, generator=gen)[:6] for _ in range(batch)])
+    tgt_ids = torch.stack([torch.randperm(16, generator=gen)[:5] for _ in range(batch)])
+    return torch.randn(batch, 6, 32, generator=gen), ctx_ids, tgt_ids
+
+
+def test_zero_registers_is_the_official_parameter_set():
+    official = IJEPAPredictor(PredictorArch(depth=1, **ARCH)).state_dict()
+    with_regs = IJEPAPredictor(PredictorArch(depth=1, num_registers=3, **ARCH)).state_dict()
+    assert "predictor_registers" not in official
+    assert set(with_regs) - set(official) == {"predictor_registers"}
+    assert with_regs["predictor_registers"].shape == (1, 3, 16)
+
+
+def test_registers_are_dropped_from_the_predictions():
+    x, ctx_ids, tgt_ids = _inputs()
+    # depth 0: each prediction is proj(norm(its own input token)), so any slicing error shows
+    plain = IJEPAPredictor(PredictorArch(depth=0, **ARCH)).eval()
+    regs = IJEPAPredictor(PredictorArch(depth=0, num_registers=2, **ARCH)).eval()
+    regs.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(regs(x, ctx_ids, tgt_ids), plain(x, ctx_ids, tgt_ids))
+    # with blocks: exactly one prediction per target token, in target order
+    model = IJEPAPredictor(PredictorArch(depth=1, num_registers=2, **ARCH)).eval()
+    perm = torch.tensor([3, 0, 4, 1, 2])
+    with torch.no_grad():
+        out = model(x, ctx_ids, tgt_ids)
+        permuted = model(x, ctx_ids, tgt_ids[:, perm])
+        assert out.shape == (3, 5, 32)
+        torch.testing.assert_close(permuted, out[:, perm])
+        model.predictor_registers.add_(1.0)
+        assert not torch.allclose(model(x, ctx_ids, tgt_ids), out)  # registers are attended to
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> tuple[Path, Path]:
+    return build_digits_imagefolder(tmp_path_factory.mktemp("digits"), size=32, per_class=8)
+
+
+def _trainer(digits, folder, **extra) -> Pretrainer:
+    train, _ = digits
+    opts = {
+        "data.dataset": "imagefolder", "data.root_path": str(train), "data.image_folder": "",
+        "data.batch_size": 16, "model.arch": "{embed_dim: 32, depth: 2, num_heads: 2}",
+        "model.pred_depth": 1, "model.pred_emb_dim": 16, "optimization.epochs": 1,
+        "logging.folder": str(folder), "logging.rankme_freq": 0, "logging.knn_freq": 0,
+        "logging.tensorboard": False, **extra,
+    }  # fmt: skip
+    cfg = load_config(PretrainConfig, CONFIG, [f"{k}={v}" for k, v in opts.items()])
+    return Pretrainer(cfg, DistInfo())
+
+
+def test_predictor_registers_train_and_round_trip(digits, tmp_path):
+    trainer = _trainer(digits, tmp_path, **{"model.pred_num_registers": 2})
+    registers = trainer.predictor.predictor_registers
+    grads = []
+    registers.register_hook(lambda g: grads.append(g.detach().clone()))
+    before = registers.detach().clone()
+    row = trainer.train_step(next(iter(trainer.loader))[0])
+    assert math.isfinite(row["loss"]) and row["loss"] > 0
+    assert len(grads) == 1 and grads[0].abs().sum() > 0
+    assert not torch.equal(registers.detach(), before)
+    trainer.save(row["loss"])
+    trainer.log.close()
+
+    loaded = load_predictor(trainer.ckpt_path, num_heads=2)
+    assert loaded.arch.num_registers == 2
+    live = trainer.predictor.eval()
+    x, ctx_ids, tgt_ids = _inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, ctx_ids, tgt_ids), live(x, ctx_ids, tgt_ids))
+    with pytest.raises(ConfigError, match="pred_num_registers"):
+        _trainer(
+            digits, tmp_path / "bad", **{"packing.enabled": True, "model.pred_num_registers": 1}
+        )
+    with pytest.raises(ConfigError, match="pred_num_registers"):
+        _trainer(digits, tmp_path / "neg", **{"model.pred_num_registers": -1})

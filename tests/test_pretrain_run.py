@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_pretrain import CONFIG, tiny_overrides
 
 from ijepa_toolkit import load_encoder, load_predictor
 from ijepa_toolkit.checkpoint import read_checkpoint
@@ -23,7 +24,6 @@ from ijepa_toolkit.models.vit import encode_masked
 from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer, TrainingDiverged, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
 OFFICIAL_KEYS = {"encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss",
                  "batch_size", "world_size", "lr"}  # fmt: skip
@@ -34,21 +34,8 @@ def digits(tmp_path_factory) -> tuple[Path, Path]:
     return build_digits_imagefolder(tmp_path_factory.mktemp("digits"), size=32, per_class=16)
 
 
-def _overrides(digits, folder, **extra) -> list[str]:
-    train, val = digits
-    opts = {
-        "data.dataset": "imagefolder", "data.root_path": str(train), "data.image_folder": "",
-        "data.batch_size": 16, "data.knn_train_folder": str(train),
-        "data.knn_val_folder": str(val), "model.arch": "{embed_dim: 32, depth: 2, num_heads: 4}",
-        "model.pred_depth": 1, "model.pred_emb_dim": 16, "optimization.epochs": 3,
-        "logging.folder": str(folder), "logging.log_freq": 1, "logging.rankme_freq": 3,
-        "logging.knn_freq": 0, "logging.tensorboard": False, **extra,
-    }  # fmt: skip
-    return [f"{k}={v}" for k, v in opts.items()]
-
-
 def _cfg(digits, folder, **extra) -> PretrainConfig:
-    return load_config(PretrainConfig, CONFIG, _overrides(digits, folder, **extra))
+    return load_config(PretrainConfig, CONFIG, tiny_overrides(digits, folder, **extra))
 
 
 def _main(args: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
@@ -134,8 +121,8 @@ def test_exact_resume_after_sigkill(digits, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     extra = {"optimization.epochs": 4, "model.target_norm": "running_batchnorm",
              "model.stop": True, "data.crop_scale": "[0.3, 1.0]"}  # fmt: skip
-    _finish(_main(_overrides(digits, whole, **extra)))
-    proc = _main(_overrides(digits, killed, **extra))
+    _finish(_main(tiny_overrides(digits, whole, **extra)))
+    proc = _main(tiny_overrides(digits, killed, **extra))
     ckpt = killed / "checkpoint-last.pth"
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -145,7 +132,7 @@ def test_exact_resume_after_sigkill(digits, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "results.json").exists(), "run finished before the kill"
     assert read_checkpoint(ckpt)["epoch"] < 4
-    out = _finish(_main(_overrides(digits, killed, **extra)))
+    out = _finish(_main(tiny_overrides(digits, killed, **extra)))
     assert "resumed from" in out
     a, b = read_checkpoint(whole / "checkpoint-last.pth"), read_checkpoint(ckpt)
     names = ("encoder", "predictor", "target_encoder", "opt", "target_norm")
@@ -162,9 +149,11 @@ def test_ddp_two_processes_match_one_process(digits, tmp_path):
     extra = {"optimization.epochs": 1, "model.target_norm": "batchnorm",
              "data.crop_scale": "[1.0, 1.0]"}  # fmt: skip
     one_process = {**extra, "data.batch_size": 16, "mask.group_size": 8}
-    one = _main(_overrides(digits, tmp_path / "one", **one_process))
+    one = _main(tiny_overrides(digits, tmp_path / "one", **one_process))
     _finish(one)
-    two = _main(_overrides(digits, tmp_path / "two", **{**extra, "data.batch_size": 8}), nproc=2)
+    two = _main(
+        tiny_overrides(digits, tmp_path / "two", **{**extra, "data.batch_size": 8}), nproc=2
+    )
     _finish(two, timeout=180)
     a = read_checkpoint(tmp_path / "one" / "checkpoint-last.pth")
     b = read_checkpoint(tmp_path / "two" / "checkpoint-last.pth")

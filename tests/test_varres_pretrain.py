@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_pretrain import CONFIG, tiny_overrides
 
 from ijepa_toolkit import load_encoder
 from ijepa_toolkit.config import ConfigError, load_config
@@ -17,8 +18,6 @@ from ijepa_toolkit.models.heads import pooled_features
 from ijepa_toolkit.models.vit_variants import VariantViT
 from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_cpu.yaml"
-
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> tuple[Path, Path]:
@@ -26,16 +25,9 @@ def digits(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _trainer(digits, folder, **extra) -> Pretrainer:
-    train, val = digits
-    opts = {
-        "data.dataset": "imagefolder", "data.root_path": str(train), "data.image_folder": "",
-        "data.batch_size": 16, "data.knn_train_folder": str(train),
-        "data.knn_val_folder": str(val), "model.arch": "{embed_dim: 32, depth: 2, num_heads: 2}",
-        "model.pred_depth": 1, "model.pred_emb_dim": 16, "optimization.epochs": 1,
-        "logging.folder": str(folder), "logging.log_freq": 1, "logging.rankme_freq": 0,
-        "logging.knn_freq": 1, "logging.tensorboard": False, **extra,
-    }  # fmt: skip
-    cfg = load_config(PretrainConfig, CONFIG, [f"{k}={v}" for k, v in opts.items()])
+    opts = {"model.arch": "{embed_dim: 32, depth: 2, num_heads: 2}", "optimization.epochs": 1,
+            "logging.rankme_freq": 0, "logging.knn_freq": 1, **extra}  # fmt: skip
+    cfg = load_config(PretrainConfig, CONFIG, tiny_overrides(digits, folder, **opts))
     return Pretrainer(cfg, DistInfo())
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_pretrain import CONFIG, tiny_overrides
 
 from ijepa_toolkit.checkpoint import load_predictor
 from ijepa_toolkit.config import ConfigError, load_config
@@ -16,7 +17,6 @@ from ijepa_toolkit.engine.distributed import DistInfo
 from ijepa_toolkit.models.predictor import IJEPAPredictor, PredictorArch
 from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_cpu.yaml"
 ARCH = dict(grid=4, embed_dim=32, predictor_embed_dim=16, num_heads=2)
 
 
@@ -61,15 +61,9 @@ def digits(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _trainer(digits, folder, **extra) -> Pretrainer:
-    train, _ = digits
-    opts = {
-        "data.dataset": "imagefolder", "data.root_path": str(train), "data.image_folder": "",
-        "data.batch_size": 16, "model.arch": "{embed_dim: 32, depth: 2, num_heads: 2}",
-        "model.pred_depth": 1, "model.pred_emb_dim": 16, "optimization.epochs": 1,
-        "logging.folder": str(folder), "logging.rankme_freq": 0, "logging.knn_freq": 0,
-        "logging.tensorboard": False, **extra,
-    }  # fmt: skip
-    cfg = load_config(PretrainConfig, CONFIG, [f"{k}={v}" for k, v in opts.items()])
+    opts = {"model.arch": "{embed_dim: 32, depth: 2, num_heads: 2}", "optimization.epochs": 1,
+            "logging.rankme_freq": 0, **extra}  # fmt: skip
+    cfg = load_config(PretrainConfig, CONFIG, tiny_overrides(digits, folder, **opts))
     return Pretrainer(cfg, DistInfo())
 
 

@@ -89,8 +89,9 @@ def test_checkpoint_is_official_layout_and_loads_exactly(digits, tmp_path):
             loaded = load_encoder(trainer.ckpt_path, which=which, num_heads=4)
             live = getattr(trainer, which).eval()
             assert torch.equal(loaded.forward_features(images), live.forward_features(images))
-        pred = load_predictor(trainer.ckpt_path, num_heads=4)
-        pred.stop_sigma = cfg.model.stop_sigma  # StoP checkpoints hold official keys only
+        # StoP checkpoints hold the official keys only: the StoP forward is asked for by name
+        pred = load_predictor(trainer.ckpt_path, num_heads=4, stop_sigma=cfg.model.stop_sigma)
+        assert pred.stop_sigma == cfg.model.stop_sigma > 0
         ctx = encode_masked(trainer.encoder, images, masks_x)
         torch.manual_seed(7)
         expected = trainer.predictor.eval()(ctx, masks_x, masks)

@@ -406,20 +406,25 @@ def find_predictor_state(obj: dict, path: PathLike) -> dict:
     return _strip_to_anchor(raw, PREDICTOR_ANCHOR, path, "predictor")[0]
 
 
-def load_predictor(path: PathLike, num_heads: Optional[int] = None) -> IJEPAPredictor:
+def load_predictor(
+    path: PathLike, num_heads: Optional[int] = None, stop_sigma: float = 0.0
+) -> IJEPAPredictor:
     """The official predictor of an I-JEPA checkpoint, in eval mode.
 
     Called as ``predictor(context_tokens, masks_x, masks)``. Heads default to the standard head
     count of the encoder width (as the official code builds it); pass ``num_heads`` otherwise.
+    A StoP checkpoint has the same tensors; ``stop_sigma`` (0.25 in the StoP configs) gives its
+    forward: target tokens get ``predictor_embed(noise)`` instead of the mask token.
     """
     state = find_predictor_state(read_checkpoint(path), path)
     _check_finite(state, path)
     arch = _arch_or_error(infer_predictor_arch, state, num_heads, path)
-    model = IJEPAPredictor(arch)
+    model = IJEPAPredictor(arch, stop_sigma=stop_sigma)
     _load_strict(model, state, path)
     logger.info(
-        "loaded predictor from %s: depth=%d width=%d heads=%d grid=%dx%d",
+        "loaded predictor from %s: depth=%d width=%d heads=%d grid=%dx%d stop_sigma=%g",
         path, arch.depth, arch.predictor_embed_dim, arch.num_heads, arch.grid, arch.grid,
+        stop_sigma,
     )  # fmt: skip
     return model.eval()
 

@@ -27,14 +27,18 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def gather_objects(obj: Any) -> list:
+    """Every rank's ``obj`` (picklable), in rank order (under DDP every rank must call it)."""
+    if dist.is_available() and dist.is_initialized():
+        objs = [None] * dist.get_world_size()
+        dist.all_gather_object(objs, obj)
+        return objs
+    return [obj]
+
+
 def gather_rng_states() -> list:
     """Every rank's RNG state, in rank order (under DDP every rank must call it)."""
-    state = rng_state()
-    if dist.is_available() and dist.is_initialized():
-        states = [None] * dist.get_world_size()
-        dist.all_gather_object(states, state)
-        return states
-    return [state]
+    return gather_objects(rng_state())
 
 
 def save_training_state(

@@ -192,6 +192,15 @@ class PackingStream:
             batch = batch.drop_row(last)
         return batch, [pending[i][0] for i in range(len(pending))]
 
+    def state_dict(self) -> dict:
+        """The carried-over items as plain lists (``keys``, (C, H, W) ``images``) for a checkpoint
+        read with ``weights_only=True``."""
+        return {"keys": [k for k, _ in self.waiting], "images": [img for _, img in self.waiting]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the items ``state_dict`` saved; they are packed first at the next step."""
+        self.waiting = list(zip(state["keys"], state["images"]))
+
 
 def same_image_mask(ids: torch.Tensor) -> torch.Tensor:
     """(R, L, 4) ids -> (R, 1, L, L) boolean SDPA mask: True where both tokens share an image.

@@ -8,7 +8,8 @@ per-iteration schedules (``schedules.py``).
 
 Checkpoints use the official layout (``encoder``, ``predictor``, ``target_encoder`` with DDP
 ``module.`` prefixes, ``opt``, ``scaler``, ``epoch``, ``loss``, ``batch_size``, ``world_size``,
-``lr``) plus ``step``, per-rank ``rng``, ``target_norm`` and ``config`` for an exact resume.
+``lr``) plus ``step``, per-rank ``rng``, ``target_norm``, per-rank ``packing_waiting`` (the
+images packing carries over to the next step) and ``config`` for an exact resume.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ..config import ConfigError, LoggingSection, MetaSection, save_config, to_d
 from ..data.folder import SafeImageFolder, collate_skip_none
 from ..engine.distributed import DistInfo, all_gather_cat, all_reduce_sum, barrier
 from ..engine.logger import RunLogger, write_results
-from ..engine.resume import LAST, gather_rng_states, restore_rng_states
+from ..engine.resume import LAST, gather_objects, gather_rng_states, restore_rng_states
 from ..engine.utils import autocast, progress, seed_everything
 from ..eval.rank import rankme
 from ..masks.multiblock import MaskSection, MultiBlockMaskSampler
@@ -208,6 +209,7 @@ class Pretrainer:
     def save(self, loss: float) -> None:
         """Write ``checkpoint-last.pth`` atomically (every rank calls: RNG states are gathered)."""
         rngs = gather_rng_states()
+        waiting = gather_objects(self.packer.state_dict())
         if not self.dist.is_main:
             return
         obj = {name: _prefixed(getattr(self, name)) for name in SUBMODULES}
@@ -216,6 +218,7 @@ class Pretrainer:
             batch_size=self.cfg.data.batch_size, world_size=self.dist.world_size,
             lr=self.cfg.optimization.lr, step=self.step, rng=rngs,
             target_norm=self.target_norm.state_dict(), config=to_dict(self.cfg),
+            packing_waiting=waiting,
         )  # fmt: skip
         save_checkpoint(obj, self.ckpt_path)
 
@@ -228,6 +231,12 @@ class Pretrainer:
         self.target_norm.load_state_dict(obj["target_norm"])
         self.epoch, self.step = int(obj["epoch"]), int(obj["step"])
         restore_rng_states(obj["rng"], self.dist.rank, self.ckpt_path)
+        waiting = obj.get("packing_waiting") or []
+        if self.dist.rank < len(waiting):
+            self.packer.load_state_dict(waiting[self.dist.rank])
+        elif any(w["keys"] for w in waiting):
+            logger.warning("%s: saved with %d ranks; rank %d starts with no carried-over images",
+                           self.ckpt_path, len(waiting), self.dist.rank)  # fmt: skip
         logger.info("resumed from %s: epoch %d, step %d", self.ckpt_path, self.epoch, self.step)
 
     # -- one iteration ---------------------------------------------------------------------
@@ -338,7 +347,8 @@ class Pretrainer:
     def packed_loss(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Backward of the packed variable-resolution loss (packing.py).
 
-        Returns (loss, (B, D) per-image mean target tokens, {"padding": padding rate}).
+        Returns (loss, (B, D) per-image mean target tokens, {"padding": this rank's padding
+        rate, "images": images trained on in this step, summed over ranks}).
         """
         g = torch.Generator()
         g.manual_seed(hash((self.cfg.meta.seed, self.step, self.dist.rank)) % 2**63)
@@ -360,7 +370,9 @@ class Pretrainer:
         loss.backward()
         gsample = torch.cat([batch.ctx_gsample, batch.tgt_gsample], dim=1)
         pooled = per_image_mean(tokens.float(), gsample, len(batch.grids))
-        return loss.detach().float(), pooled, {"padding": batch.padding_rate}
+        trained = torch.tensor(float(sum(len(r) for r in batch.rows)), device=self.device)
+        extra = {"padding": batch.padding_rate, "images": int(all_reduce_sum(trained))}
+        return loss.detach().float(), pooled, extra
 
     # -- epochs ---------------------------------------------------------------------------
     def probes(self) -> dict:

@@ -3,16 +3,19 @@ NaN stop, exact resume after SIGKILL, 2-process DDP parity with one process."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from _tiny_pretrain import CONFIG, tiny_overrides
+from _tiny_pretrain import (
+    CONFIG,
+    assert_same_state,
+    finish,
+    killed_and_resumed,
+    launch,
+    tensors,
+    tiny_overrides,
+)
 
 from ijepa_toolkit import load_encoder, load_predictor
 from ijepa_toolkit.checkpoint import read_checkpoint
@@ -23,8 +26,6 @@ from ijepa_toolkit.engine.logger import read_jsonl
 from ijepa_toolkit.models.vit import encode_masked
 from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer, TrainingDiverged, pretrain
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
 OFFICIAL_KEYS = {"encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss",
                  "batch_size", "world_size", "lr"}  # fmt: skip
 
@@ -36,32 +37,6 @@ def digits(tmp_path_factory) -> tuple[Path, Path]:
 
 def _cfg(digits, folder, **extra) -> PretrainConfig:
     return load_config(PretrainConfig, CONFIG, tiny_overrides(digits, folder, **extra))
-
-
-def _main(args: list[str], nproc: int = 1, **kw) -> subprocess.Popen:
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [*launcher, str(REPO / "main_pretrain.py"), "--fname", str(CONFIG), *args]
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **kw)  # fmt: skip
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 120) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def _tensors(obj, prefix=""):
-    if torch.is_tensor(obj):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _tensors(v, f"{prefix}.{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{prefix}.{i}")
 
 
 def test_checkpoint_is_official_layout_and_loads_exactly(digits, tmp_path):
@@ -111,9 +86,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(digits, tmp_
         pretrain(cfg, DistInfo())
     after = read_checkpoint(tmp_path / "checkpoint-last.pth")
     assert after["epoch"] == 1
-    for (k, a), (_, b) in zip(
-        _tensors(before["target_encoder"]), _tensors(after["target_encoder"])
-    ):
+    for (k, a), (_, b) in zip(tensors(before["target_encoder"]), tensors(after["target_encoder"])):
         assert torch.equal(a, b), k
     load_encoder(tmp_path / "checkpoint-last.pth", num_heads=4)  # finite, loadable
 
@@ -122,26 +95,11 @@ def test_exact_resume_after_sigkill(digits, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     extra = {"optimization.epochs": 4, "model.target_norm": "running_batchnorm",
              "model.stop": True, "data.crop_scale": "[0.3, 1.0]"}  # fmt: skip
-    _finish(_main(tiny_overrides(digits, whole, **extra)))
-    proc = _main(tiny_overrides(digits, killed, **extra))
-    ckpt = killed / "checkpoint-last.pth"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "results.json").exists(), "run finished before the kill"
-    assert read_checkpoint(ckpt)["epoch"] < 4
-    out = _finish(_main(tiny_overrides(digits, killed, **extra)))
-    assert "resumed from" in out
-    a, b = read_checkpoint(whole / "checkpoint-last.pth"), read_checkpoint(ckpt)
-    names = ("encoder", "predictor", "target_encoder", "opt", "target_norm")
-    ta, tb = dict(_tensors({k: a[k] for k in names})), dict(_tensors({k: b[k] for k in names}))
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
-    assert (a["epoch"], a["step"], a["loss"]) == (b["epoch"], b["step"], b["loss"])
+    finish(launch(tiny_overrides(digits, whole, **extra)))
+    killed_and_resumed(tiny_overrides(digits, killed, **extra), killed, epochs=4)
+    assert_same_state(
+        whole, killed, ("encoder", "predictor", "target_encoder", "opt", "target_norm")
+    )
     rows = [r for r in read_jsonl(whole / "log.jsonl") if "epoch_loss" in r]
     assert rows[-1]["epoch_loss"] < rows[0]["epoch_loss"]  # the loss goes down
 
@@ -150,12 +108,12 @@ def test_ddp_two_processes_match_one_process(digits, tmp_path):
     extra = {"optimization.epochs": 1, "model.target_norm": "batchnorm",
              "data.crop_scale": "[1.0, 1.0]"}  # fmt: skip
     one_process = {**extra, "data.batch_size": 16, "mask.group_size": 8}
-    one = _main(tiny_overrides(digits, tmp_path / "one", **one_process))
-    _finish(one)
-    two = _main(
+    one = launch(tiny_overrides(digits, tmp_path / "one", **one_process))
+    finish(one)
+    two = launch(
         tiny_overrides(digits, tmp_path / "two", **{**extra, "data.batch_size": 8}), nproc=2
     )
-    _finish(two, timeout=180)
+    finish(two, timeout=180)
     a = read_checkpoint(tmp_path / "one" / "checkpoint-last.pth")
     b = read_checkpoint(tmp_path / "two" / "checkpoint-last.pth")
     assert (a["world_size"], b["world_size"]) == (1, 2) and a["step"] == b["step"] > 0

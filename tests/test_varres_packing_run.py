@@ -4,14 +4,10 @@ SIGKILL, and a 2-process DDP run that trains every image of the global batches e
 from __future__ import annotations
 
 import math
-import signal
-import time
 from pathlib import Path
 
 import pytest
-import torch
-from _tiny_pretrain import tiny_overrides
-from test_pretrain_run import _finish, _main, _tensors
+from _tiny_pretrain import assert_same_state, finish, killed_and_resumed, launch, tiny_overrides
 
 from ijepa_toolkit.checkpoint import read_checkpoint
 from ijepa_toolkit.data.digits import build_digits_imagefolder
@@ -36,36 +32,19 @@ def _waiting(ckpt: dict) -> int:
 def test_packed_exact_resume_after_sigkill_keeps_carried_images(digits, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     extra = {**PACKING, "optimization.epochs": 3}
-    _finish(_main(tiny_overrides(digits, whole, **extra)))
-    proc = _main(tiny_overrides(digits, killed, **extra))
-    ckpt = killed / "checkpoint-last.pth"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "results.json").exists(), "run finished before the kill"
-    saved = read_checkpoint(ckpt)
-    assert saved["epoch"] < 3
+    finish(launch(tiny_overrides(digits, whole, **extra)))
+    saved, _ = killed_and_resumed(tiny_overrides(digits, killed, **extra), killed, epochs=3)
     assert _waiting(saved) > 0, "no image was carried over at the checkpoint: nothing to test"
-    out = _finish(_main(tiny_overrides(digits, killed, **extra)))
-    assert "resumed from" in out
-    a, b = read_checkpoint(whole / "checkpoint-last.pth"), read_checkpoint(ckpt)
-    names = ("encoder", "predictor", "target_encoder", "opt", "packing_waiting")
-    ta, tb = dict(_tensors({k: a[k] for k in names})), dict(_tensors({k: b[k] for k in names}))
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.equal(ta[k], tb[k]), k
-    assert (a["epoch"], a["step"], a["loss"]) == (b["epoch"], b["step"], b["loss"])
+    assert_same_state(whole, killed, ("encoder", "predictor", "target_encoder", "opt",
+                                      "packing_waiting"))  # fmt: skip
 
 
 def test_packed_ddp_two_processes_train_every_image_once(digits, tmp_path):
     extra = {**PACKING, "optimization.epochs": 2}
-    one = _main(tiny_overrides(digits, tmp_path / "one", **{**extra, "data.batch_size": 16}))
-    _finish(one)
-    two = _main(tiny_overrides(digits, tmp_path / "two", **{**extra, "data.batch_size": 8}), 2)
-    _finish(two, timeout=180)
+    one = launch(tiny_overrides(digits, tmp_path / "one", **{**extra, "data.batch_size": 16}))
+    finish(one)
+    two = launch(tiny_overrides(digits, tmp_path / "two", **{**extra, "data.batch_size": 8}), 2)
+    finish(two, timeout=180)
     # the ranks' parts of each step are disjoint and together are the one-process batch
     size = len(SafeImageFolder(digits[0]))
     for epoch in range(2):

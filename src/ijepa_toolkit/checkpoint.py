@@ -15,7 +15,6 @@ Formats read:
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import pickle
@@ -28,6 +27,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .engine.logger import write_json_atomic
 from .models.predictor import IJEPAPredictor, PredictorArch, infer_predictor_arch
 from .models.tiny_ijepa import TINY_IJEPA_EPS, convert_tiny_ijepa, is_tiny_ijepa
 from .models.vit import (
@@ -584,8 +584,7 @@ def export_encoder(
     finally:
         if tmp.exists():
             tmp.unlink()
-    spec_path = out.with_suffix(".json")
-    spec_path.write_text(json.dumps(spec, indent=2) + "\n")
+    write_json_atomic(spec, out.with_suffix(".json"))
     return spec
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from .tables import read_metric
+
 REPO = Path(__file__).resolve().parents[2]
 OUT = Path("runs/demo")
 CHECKPOINT = OUT / "pretrain" / "checkpoint-last.pth"
@@ -73,13 +75,11 @@ def done(folder: Path) -> bool:
 
 
 def metric(folder: Path, key: str) -> Optional[float]:
+    """The dotted ``key`` of ``folder/results.json``; None while that run has not finished."""
     path = folder / "results.json"
     if not path.is_file():
         return None
-    value = json.loads(path.read_text())
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
+    return read_metric(json.loads(path.read_text()), key, path)
 
 
 def table(runs: Path) -> str:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ..data.folder import SafeImageFolder, collate_skip_none
 from ..data.transforms import eval_transform
 from ..eval.knn import knn_scores, topk_accuracy
-from ..eval.rank import lidar
+from ..eval.rank import lidar, view_features
 
 
 @torch.no_grad()
@@ -59,14 +59,9 @@ def lidar_probe(
     Runs inside ``torch.random.fork_rng`` so the training RNG stream is unchanged.
     """
     ds = SafeImageFolder(folder, transform=transform, on_error="raise")
-    subset = Subset(ds, range(min(images, len(ds))))
     was_training = encoder.training
-    encoder.eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        per_view = []
-        for _ in range(views):
-            loader = DataLoader(subset, batch_size=256, generator=torch.Generator())
-            per_view.append(torch.cat([encoder(x.to(device)).float().cpu() for x, _ in loader]))
+        feats = view_features(encoder, ds, range(min(images, len(ds))), views, device=device)
     encoder.train(was_training)
-    return lidar(torch.stack(per_view, dim=1))
+    return lidar(feats)

@@ -143,7 +143,8 @@ def test_dry_run_lists_the_commands_of_a_paper_table(tmp_path, monkeypatch, caps
     for line, (script, ckpt, folder) in zip(lines, expected):
         assert script in line and ckpt in line
         assert f"logging.folder=runs/tables/ijepa_in1k/{folder}" in line
-    assert lines[2].endswith("data.img_size=448")
+    assert lines[2].endswith("data.img_size=448 features.layers=concat4")
+    assert lines[0].endswith("features.layers=concat4")  # the paper's best: last 4 layers
     assert not (tmp_path / "runs").exists()  # nothing ran, nothing written
 
 

@@ -159,6 +159,24 @@ def test_subset_file_parsing_and_errors(digits, tmp_path):
         read_subset_file(tmp_path / "nope.txt")
 
 
+def test_subset_names_repeated_across_classes_need_the_class_folder(digits, tmp_path):
+    root = tmp_path / "same_names"  # every class holds 0.png, 1.png, ...
+    for c in sorted(p.name for p in digits.iterdir()):
+        (root / c).mkdir(parents=True)
+        for i, src in enumerate(sorted((digits / c).iterdir())):
+            shutil.copy(src, root / c / f"{i}.png")
+    ds = build_eval_dataset(str(root), DATA)
+    with pytest.raises(
+        SubsetError,
+        match=r"3 listed file names occur in several classes, e.g. "
+        r"0\.png \(0/0\.png, 1/0\.png, 2/0\.png\); list them as class_folder",
+    ):
+        indices_from_names(ds.samples, ds.classes, [f"{i}.png" for i in range(3)], "list.txt")
+    listed = [f"{c}/{int(c) % 3}.png" for c in ds.classes]  # a different image number per class
+    idx = indices_from_names(ds.samples, ds.classes, listed, "list.txt")
+    assert [ds.samples[i][0] for i in idx] == [str(root / n) for n in listed]
+
+
 def test_per_class_subsets_are_deterministic(digits):
     ds = build_eval_dataset(str(digits), DATA)
     a = per_class_indices(ds.targets, ds.classes, 3, seed=1)

@@ -2,8 +2,9 @@
 
 A subset file holds one image file name per line (``n01440764_10026.JPEG``), as the published
 ``1percent.txt`` / ``10percent.txt`` and ``Nimgs_class.txt`` files of the semi-supervised I-JEPA,
-MSN and SimCLR protocols; names are matched against the file names (not the folders) of an
-ImageFolder. ``per_class`` subsets are drawn with a seeded generator, so they are reproducible.
+MSN and SimCLR protocols; names are matched against the file names of an ImageFolder, or against
+``class_folder/file_name`` for datasets whose file names repeat across classes. ``per_class``
+subsets are drawn with a seeded generator, so they are reproducible.
 """
 
 from __future__ import annotations
@@ -42,24 +43,40 @@ def _check_classes(targets: Sequence[int], classes: Sequence[str], what: str) ->
         raise SubsetError(f"{what}: no images for class(es) {', '.join(empty[:5])}{more}")
 
 
+def _keys(path: str) -> tuple[str, str]:
+    """``(file name, class folder/file name)`` of an ImageFolder sample path."""
+    p = Path(path)
+    return p.name, f"{p.parent.name}/{p.name}"
+
+
 def indices_from_names(
     samples: Sequence[tuple[str, int]], classes: Sequence[str], names: Sequence[str], source: str
 ) -> list[int]:
-    """Indices of ``samples`` ((path, class) pairs) whose file name is in ``names``, sorted.
+    """Indices of ``samples`` ((path, class) pairs) listed in ``names``, sorted.
 
-    Every name must match one sample (the first few missing ones are reported) and every class
-    must keep at least one image.
+    An entry is a file name (``n01440764_10026.JPEG``) or, where file names repeat across
+    classes, ``class_folder/file_name``. Every entry must match exactly one sample (the first few
+    missing or ambiguous ones are reported) and every class must keep at least one image.
     """
-    by_name: dict[str, int] = {}
+    by_key: dict[str, list[int]] = {}
     for i, (path, _) in enumerate(samples):
-        by_name.setdefault(Path(path).name, i)
-    missing = [n for n in names if n not in by_name]
+        for key in _keys(path):
+            by_key.setdefault(key, []).append(i)
+    missing = [n for n in names if n not in by_key]
     if missing:
         raise SubsetError(
             f"{source}: {len(missing)} of {len(names)} listed images are not in the dataset, "
             f"e.g. {', '.join(missing[:5])}"
         )
-    index = sorted({by_name[n] for n in names})
+    ambiguous = [n for n in names if len(by_key[n]) > 1]
+    if ambiguous:
+        n = ambiguous[0]
+        where = ", ".join(_keys(samples[i][0])[1] for i in by_key[n][:3])
+        raise SubsetError(
+            f"{source}: {len(ambiguous)} listed file names occur in several classes, e.g. {n} "
+            f"({where}); list them as class_folder/file_name"
+        )
+    index = sorted({by_key[n][0] for n in names})
     _check_classes([samples[i][1] for i in index], classes, source)
     return index
 

@@ -11,8 +11,8 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from ijepa_toolkit import load_encoder, save_checkpoint
-from ijepa_toolkit.checkpoint import timm_spec
 from ijepa_toolkit.config import load_config
+from ijepa_toolkit.export import timm_spec
 from ijepa_toolkit.masks.multiblock import MultiBlockMaskSampler
 from ijepa_toolkit.models.norms import DynTanh
 from ijepa_toolkit.models.predictor import IJEPAPredictor, PredictorArch

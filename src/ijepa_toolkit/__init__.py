@@ -7,12 +7,12 @@
 
 from .checkpoint import (
     CheckpointError,
-    export_encoder,
     inspect_checkpoint,
     load_encoder,
     load_predictor,
     save_checkpoint,
 )
+from .export import export_encoder
 from .models.vit import apply_masks, encode_masked
 
 __version__ = "0.1.0"

@@ -1,4 +1,6 @@
-"""Reading checkpoints safely, finding the encoder/predictor in them, atomic saving, export.
+"""Reading checkpoints safely, finding the encoder/predictor in them, atomic saving, inspecting.
+
+Export to plain timm lives in ``export.py``.
 
 Formats read:
 - ``ijepa``: the official I-JEPA training checkpoint (``encoder``, ``predictor``,
@@ -14,6 +16,7 @@ Formats read:
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -23,11 +26,10 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
-from .engine.logger import write_json_atomic
 from .models.predictor import IJEPAPredictor, PredictorArch, infer_predictor_arch
 from .models.tiny_ijepa import TINY_IJEPA_EPS, convert_tiny_ijepa, is_tiny_ijepa
 from .models.vit import (
@@ -379,12 +381,13 @@ def load_encoder(
     input sizes. ``model.forward_features(x)`` gives (B, N, D) tokens after the final norm,
     ``model(x)`` their mean (B, D).
     """
-    return _load_encoder(path, which, num_heads, pos_embed)[0]
+    return load_encoder_and_source(path, which, num_heads, pos_embed)[0]
 
 
-def _load_encoder(
+def load_encoder_and_source(
     path: PathLike, which: str, num_heads: Optional[int], pos_embed: str
 ) -> tuple[IJEPAVisionTransformer, LoadedState]:
+    """``load_encoder``'s model and the ``LoadedState`` it came from (format, sub-model, epoch)."""
     loaded = find_encoder_state(read_checkpoint(path), path, which)
     model = build_encoder_from_state(loaded, num_heads, pos_embed)
     ignored = f", ignored {len(loaded.ignored)} other tensors" if loaded.ignored else ""
@@ -429,36 +432,47 @@ def load_predictor(
     return model.eval()
 
 
-def save_checkpoint(obj: Any, path: PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+@contextlib.contextmanager
+def atomic_target(path: PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; fsynced and renamed over ``path`` on success.
 
-    A crash at any moment leaves either the old file or the new one, never a partial file. The
-    temporary files of writes that a kill interrupted are removed by the next save (one writer
-    per path is assumed: the main rank).
+    A crash at any moment leaves either the old file or the new one, never a partial file; on an
+    exception the temporary file is removed. Temporary files of writes that a kill interrupted
+    are removed by the next write (one writer per path is assumed: the main rank).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    writer = None
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            writer = _RecordingWriter(f)
-            torch.save(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
+        _fsync(tmp)
         _chmod_default(tmp)
         os.replace(tmp, path)
-    except BaseException as e:
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _fsync(path.parent)
+
+
+def save_checkpoint(obj: Any, path: PathLike) -> None:
+    """``torch.save`` ``obj`` to ``path`` atomically (see ``atomic_target``).
+
+    A failed write (disk full, quota) raises ``CheckpointWriteError`` naming the file.
+    """
+    writer = None
+    try:
+        with atomic_target(path) as tmp, open(tmp, "wb") as f:
+            writer = _RecordingWriter(f)
+            torch.save(obj, writer)
+    except BaseException as e:
         # torch.save reports a failed write (disk full, quota) as an opaque RuntimeError
         cause = writer.error if writer is not None and writer.error else e
         if isinstance(cause, OSError):
             raise CheckpointWriteError(path, cause) from e
         raise
-    _fsync_dir(path.parent)
 
 
 class CheckpointWriteError(OSError):
@@ -506,86 +520,16 @@ def _umask() -> int:
     return umask
 
 
-def _fsync_dir(folder: Path) -> None:
+def _fsync(path: PathLike) -> None:
+    """Flush a written file's (or a folder's renames') data to disk; skipped where unsupported."""
     try:
-        fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-# Timm model names whose defaults match the official I-JEPA releases.
-TIMM_NAMES = {
-    (1280, 32, 14): "vit_huge_patch14_gap_224",
-    (1280, 32, 16): "vit_huge_patch16_gap_448",
-    (1408, 40, 16): "vit_giant_patch16_gap_224",
-    (768, 12, 16): "vit_base_patch16_gap_224",
-}
-
-
-# I-JEPA (like MAE, DeiT, ...) normalises images with the ImageNet statistics.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def timm_spec(arch: EncoderArch) -> dict:
-    """``{"architecture", "kwargs", "pretrained_cfg_overlay"}`` for plain ``timm.create_model``.
-
-    ``pretrained_cfg_overlay`` (add ``file=...``) makes timm report the right input size and
-    normalisation and load the weights with strict key matching (``num_classes=0``).
-    """
-    if "dyntanh" in (arch.norm, arch.block_norm):
-        raise ValueError("a DynTanh encoder has no plain timm equivalent (timm uses LayerNorm)")
-    if arch.layernorm_eps != 1e-6:
-        raise ValueError(
-            f"timm's ViT uses LayerNorm eps 1e-6; this encoder has {arch.layernorm_eps}"
-        )
-    name = TIMM_NAMES.get((arch.embed_dim, arch.depth, arch.patch_size), "vit_base_patch16_gap_224")
-    kwargs = dict(
-        img_size=arch.img_size, patch_size=arch.patch_size, in_chans=arch.in_chans,
-        embed_dim=arch.embed_dim, depth=arch.depth, num_heads=arch.num_heads,
-        mlp_ratio=arch.mlp_ratio, qkv_bias=arch.qkv_bias, class_token=False,
-        global_pool="avg", fc_norm=False, num_classes=0,
-    )  # fmt: skip
-    overlay = dict(
-        input_size=(arch.in_chans, arch.img_size, arch.img_size), mean=IMAGENET_MEAN,
-        std=IMAGENET_STD, num_classes=0,
-    )  # fmt: skip
-    return {"architecture": name, "kwargs": kwargs, "pretrained_cfg_overlay": overlay}
-
-
-def export_encoder(
-    path: PathLike, out: PathLike, which: str = "target_encoder", num_heads: Optional[int] = None
-) -> dict:
-    """Write the chosen encoder as ``out`` (safetensors) and ``out`` with a ``.json`` suffix.
-
-    Returns the JSON spec: ``timm.create_model(spec["architecture"], pretrained=True,
-    pretrained_cfg_overlay=dict(spec["pretrained_cfg_overlay"], file=out), **spec["kwargs"])``
-    rebuilds the encoder (``pretrained_cfg_overlay=dict(file=out)`` alone loads the same weights).
-    """
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    if out.suffix == ".json":
-        raise ValueError(f"{out}: the weights file needs a suffix other than .json (the spec's)")
-    model, loaded = _load_encoder(path, which, num_heads, "auto")
-    spec = timm_spec(model.arch)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"source": str(path), "format": loaded.format, "which": loaded.which}
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        _chmod_default(tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    write_json_atomic(spec, out.with_suffix(".json"))
-    return spec
 
 
 def inspect_checkpoint(path: PathLike) -> dict:

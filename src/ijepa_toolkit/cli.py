@@ -12,7 +12,8 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from .checkpoint import SUBMODELS, CheckpointError, export_encoder, inspect_checkpoint
+from .checkpoint import SUBMODELS, CheckpointError, inspect_checkpoint
+from .export import export_encoder
 
 FORMAT_NAMES = {
     "ijepa": "I-JEPA training checkpoint",

@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+from ijepa_toolkit import checkpoint
 from ijepa_toolkit.checkpoint import CheckpointWriteError, read_checkpoint, save_checkpoint
 
 from .common import REPO, TIMEOUT, env
@@ -59,7 +60,6 @@ def test_disk_full_in_a_write_keeps_the_previous_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint-last.pth"
     save_checkpoint({"epoch": 1, "w": torch.ones(8)}, path)
     before = path.read_bytes()
-    real_fdopen = os.fdopen
 
     class FullDisk:
         """The temporary file: accepts 4 KiB, then ENOSPC like a full file system."""
@@ -82,7 +82,8 @@ def test_disk_full_in_a_write_keeps_the_previous_file(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    # the module's own open() (which save_checkpoint writes the temporary file with) fills up
+    monkeypatch.setattr(checkpoint, "open", lambda p, mode: FullDisk(open(p, mode)), raising=False)
     with pytest.raises(CheckpointWriteError) as exc:
         save_checkpoint({"epoch": 2, "w": torch.zeros(1 << 16)}, path)
     monkeypatch.undo()

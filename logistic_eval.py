@@ -24,9 +24,9 @@ from ijepa_toolkit.config import (
     config_parser,
     parse_config,
 )
+from ijepa_toolkit.data.subsets import SubsetSection
 from ijepa_toolkit.eval.features import EvalDataSection, FeaturesSection
 from ijepa_toolkit.eval.frozen import (
-    SubsetSection,
     check_same_classes,
     finish_run,
     run_cli,

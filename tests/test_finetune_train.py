@@ -149,3 +149,31 @@ def test_finetune_digits_beats_untrained_start_and_skips_corrupt_images(tmp_path
     }
     again = main(["--fname", TINY, *overrides, "--eval"])
     assert again["acc1"] == results["best_top1"]
+
+
+def test_low_shot_finetuning_trains_on_the_listed_subset_only(tmp_path, capsys):
+    train, val = build_digits_imagefolder(tmp_path / "digits", size=32, per_class=10)
+    ds = SafeImageFolder(train)
+    listed = [f"{ds.classes[t]}/{Path(p).name}" for p, t in ds.samples][::3]
+    (tmp_path / "1percent.txt").write_text("\n".join(listed) + "\n")
+    base = [
+        f"data.train_root={train}", f"data.val_root={val}", "data.digits_root=null",
+        "data.batch_size=4", "optimization.epochs=1", "optimization.warmup_epochs=0",
+    ]  # fmt: skip
+    out = tmp_path / "file"
+    main(["--fname", TINY, *base, f"subset.file={tmp_path / '1percent.txt'}",
+          f"logging.folder={out}"])  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_images"] == len(listed) < len(ds)
+    assert results["steps"] == len(listed) // 4  # one pass over the listed images only
+    out = tmp_path / "per_class"
+    main(["--fname", TINY, *base, "subset.per_class=2", f"logging.folder={out}"])
+    assert json.loads((out / "results.json").read_text())["train_images"] == 20
+    (tmp_path / "bad.txt").write_text("no_such_image.png\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--fname", TINY, *base, f"subset.file={tmp_path / 'bad.txt'}",
+              f"logging.folder={tmp_path / 'bad'}"])  # fmt: skip
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"error: {tmp_path / 'bad.txt'}: 1 of 1 listed images are not in the "
+                    "dataset, e.g. no_such_image.png")  # fmt: skip

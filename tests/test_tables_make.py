@@ -136,9 +136,9 @@ def test_dry_run_lists_the_commands_of_a_paper_table(tmp_path, monkeypatch, caps
     h16 = "model.checkpoint=checkpoints/IN1K-vit.h.16-448px-300e.pth.tar"
     expected = [
         ("main_linprobe.py --fname configs/linprobe/in1k.yaml", h14, "vit-h-14-linear"),
-        ("logistic_eval.py --fname configs/logistic/in1k_1pct.yaml", h14, "vit-h-14-1pct"),
+        ("main_finetuning.py --fname configs/finetune/in1k_1pct.yaml", h14, "vit-h-14-1pct"),
         ("main_linprobe.py --fname configs/linprobe/in1k.yaml", h16, "vit-h-16-448-linear"),
-        ("logistic_eval.py --fname configs/logistic/in1k_1pct.yaml", h16, "vit-h-16-448-1pct"),
+        ("main_finetuning.py --fname configs/finetune/in1k_1pct.yaml", h16, "vit-h-16-448-1pct"),
     ]
     for line, (script, ckpt, folder) in zip(lines, expected):
         assert script in line and ckpt in line

@@ -9,9 +9,10 @@ subsets are drawn with a seeded generator, so they are reproducible.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
@@ -20,6 +21,26 @@ logger = logging.getLogger("ijepa_toolkit")
 
 class SubsetError(ValueError):
     """A subset that cannot be built; the message names the file and the problem."""
+
+
+@dataclasses.dataclass
+class SubsetSection:
+    """A training subset: a file of image names (``1percent.txt`` style) or N images per class."""
+
+    file: Optional[str] = None
+    per_class: int = 0  # > 0: this many images per class, drawn with ``seed``
+    seed: int = 0
+
+
+def subset_of(dataset: Any, subset: SubsetSection) -> Optional[list[int]]:
+    """Sorted indices of ``subset`` in an ImageFolder ``dataset`` (``samples``, ``classes``,
+    ``targets``); None when the section asks for no subset (the whole dataset)."""
+    if subset.file:
+        names = read_subset_file(subset.file)
+        return indices_from_names(dataset.samples, dataset.classes, names, subset.file)
+    if subset.per_class > 0:
+        return per_class_indices(dataset.targets, dataset.classes, subset.per_class, subset.seed)
+    return None
 
 
 def read_subset_file(path: Union[str, Path]) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -13,21 +12,12 @@ import torch
 from ..build import build_encoder
 from ..config import save_config
 from ..data.folder import SafeImageFolder
-from ..data.subsets import indices_from_names, per_class_indices, read_subset_file
+from ..data.subsets import SubsetSection, subset_of
 from ..engine.distributed import DistInfo, cleanup, init_distributed
 from ..engine.logger import RunLogger, setup_console_logging, write_results
 from .features import FeatureSet, build_eval_dataset, load_or_extract, model_identity
 
 logger = logging.getLogger("ijepa_toolkit")
-
-
-@dataclass
-class SubsetSection:
-    """A training subset: a file of image names (``1percent.txt`` style) or N images per class."""
-
-    file: Optional[str] = None
-    per_class: int = 0  # > 0: this many images per class, drawn with ``seed``
-    seed: int = 0
 
 
 def start_run(cfg: Any, protocol: str, settings: dict) -> DistInfo:
@@ -46,11 +36,7 @@ def subset_indices(folder: str, subset: SubsetSection) -> Optional[list[int]]:
         return None
     if not folder:
         raise ValueError("image folder not set: give data.train_folder")
-    ds = SafeImageFolder(folder)
-    if subset.file:
-        names = read_subset_file(subset.file)
-        return indices_from_names(ds.samples, ds.classes, names, subset.file)
-    return per_class_indices(ds.targets, ds.classes, subset.per_class, subset.seed)
+    return subset_of(SafeImageFolder(folder), subset)
 
 
 def split_features(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..config import EncoderSection, LoggingSection, MetaSection
+from ..data.subsets import SubsetSection
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -89,6 +90,7 @@ class FinetuneSection:
 class FinetuneConfig:
     meta: MetaSection = field(default_factory=MetaSection)
     data: DataSection = field(default_factory=DataSection)
+    subset: SubsetSection = field(default_factory=SubsetSection)  # train on part of train_root
     mixup: MixupSection = field(default_factory=MixupSection)
     model: EncoderSection = field(default_factory=EncoderSection)
     optimization: OptimizationSection = field(default_factory=OptimizationSection)

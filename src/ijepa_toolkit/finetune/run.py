@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from ..config import ConfigError, config_parser, parse_config, save_config, to_dict
 from ..data.digits import build_digits_imagefolder
 from ..data.folder import SafeImageFolder, collate_skip_none
 from ..data.sampler import ShardSampler
+from ..data.subsets import SubsetError, subset_of
 from ..data.transforms import eval_transform
 from ..engine.distributed import DistInfo, barrier, cleanup, init_distributed
 from ..engine.logger import RunLogger, setup_console_logging, write_results
@@ -104,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     try:
         check_config(cfg)
         return run(cfg, resume=args.resume, eval_ckpt=args.eval)
-    except (ConfigError, CheckpointError, OSError) as e:
+    except (ConfigError, CheckpointError, SubsetError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
@@ -127,6 +128,9 @@ def run(cfg: FinetuneConfig, resume: bool = False, eval_ckpt: Optional[str] = No
     if train_ds.classes != val_ds.classes:
         raise ConfigError(f"{train_root} and {val_root} have different class folders")
     num_classes = len(train_ds.classes)
+    subset = subset_of(train_ds, cfg.subset)
+    if subset is not None:  # low-shot finetuning: 1percent.txt or N images per class
+        train_ds = Subset(train_ds, subset)
     train_sampler = ShardSampler(len(train_ds), dist.rank, dist.world_size, True, cfg.meta.seed)
     val_sampler = ShardSampler(len(val_ds), dist.rank, dist.world_size)
     train_loader = _loader(train_ds, d.batch_size, train_sampler, cfg, train=True)
@@ -278,6 +282,7 @@ def run(cfg: FinetuneConfig, resume: bool = False, eval_ckpt: Optional[str] = No
             best_top1=state.best_top1,
             epochs=state.epoch,
             steps=state.step,
+            train_images=len(train_ds),
             val_images=metrics["images"],
             val_skipped=metrics["skipped"],
             checkpoint=str(folder / LAST),

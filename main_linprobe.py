@@ -1,5 +1,5 @@
-"""Linear probes on frozen features: one head per learning rate, all trained in one pass
-(DINOv2 style), the reported head picked on a held-out part of the training set.
+"""Linear probes on frozen features: one head per (learning rate, weight decay), all trained in
+one pass (DINOv2 style), the reported head picked on a held-out part of the training set.
 
     python main_linprobe.py --fname configs/linprobe/digits.yaml [section.key=value ...]
     python main_linprobe.py --fname ... linprobe.mode=online   # images + augmentation each step
@@ -38,7 +38,13 @@ from ijepa_toolkit.eval.frozen import (
     split_features,
     start_run,
 )
-from ijepa_toolkit.eval.linear import evaluate_heads, make_heads, make_optimizer, train_heads
+from ijepa_toolkit.eval.linear import (
+    evaluate_heads,
+    lr_schedule,
+    make_heads,
+    make_optimizer,
+    train_heads,
+)
 from ijepa_toolkit.eval.logistic import held_out_split
 from ijepa_toolkit.models.heads import pooled_features
 
@@ -58,11 +64,14 @@ class OptimizationSection:
     base_lrs: list[float] = dataclasses.field(
         default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
     )  # lr = base_lr * global batch / 256
+    weight_decays: list[float] = dataclasses.field(default_factory=lambda: [0.0])  # grid
     batch_size: int = 256  # per rank
     epochs: int = 90
     warmup_epochs: float = 10.0
+    schedule: str = "cosine"  # cosine (MAE) | step (I-JEPA / VISSL)
+    decay_epochs: int = 15  # step: lr x decay_factor every decay_epochs epochs
+    decay_factor: float = 0.1
     momentum: float = 0.9
-    weight_decay: float = 0.0
 
 
 @dataclass
@@ -74,6 +83,13 @@ class LinprobeConfig:
     linprobe: LinprobeSection = dataclasses.field(default_factory=LinprobeSection)
     optimization: OptimizationSection = dataclasses.field(default_factory=OptimizationSection)
     logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+
+
+def schedule_text(opt: OptimizationSection) -> str:
+    """The lr schedule in words, for the run's settings."""
+    if opt.schedule == "step":
+        return f"linear warmup + x{opt.decay_factor:g} every {opt.decay_epochs} epochs"
+    return "linear warmup + cosine"
 
 
 def cached_batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
@@ -135,9 +151,9 @@ def run(cfg: LinprobeConfig, resume: bool = False) -> None:
     settings = {
         "mode": mode[lp.mode], "head": ("BatchNorm1d(affine=False) + " if lp.batchnorm else "")
         + "Linear", "optimizer": opt.optimizer, "base_lrs": opt.base_lrs,
-        "lr_rule": "base_lr * global_batch / 256", "schedule": "linear warmup + cosine",
+        "lr_rule": "base_lr * global_batch / 256", "schedule": schedule_text(opt),
         "epochs": opt.epochs, "warmup_epochs": opt.warmup_epochs, "momentum": opt.momentum,
-        "weight_decay": opt.weight_decay, "layers": cfg.features.layers,
+        "weight_decays": opt.weight_decays, "layers": cfg.features.layers,
         "selection": f"held-out {lp.held_out_fraction:g} of each training class",
     }  # fmt: skip
     dist_info = start_run(cfg, "linprobe", settings)
@@ -159,10 +175,15 @@ def run(cfg: LinprobeConfig, resume: bool = False) -> None:
         y_held = torch.from_numpy(train.labels).to(dev)
         batches, steps = online_batches(cfg, fit_idx.tolist(), dist_info)
     check_same_classes(train, test)
-    lrs = [b * opt.batch_size * world / 256 for b in opt.base_lrs]
+    grid = [
+        (b * opt.batch_size * world / 256, wd) for b in opt.base_lrs for wd in opt.weight_decays
+    ]
+    names = [f"lr{lr:g}_wd{wd:g}" for lr, wd in grid]
     seed_everything(cfg.meta.seed)  # heads start alike on every rank, cache hit or miss
-    heads = make_heads(test.feats.shape[1], len(test.classes), len(lrs), lp.batchnorm).to(dev)
-    optimizer = make_optimizer(heads, lrs, opt.optimizer, opt.momentum, opt.weight_decay)
+    heads = make_heads(test.feats.shape[1], len(test.classes), len(grid), lp.batchnorm).to(dev)
+    optimizer = make_optimizer(heads, grid, opt.optimizer, opt.momentum)
+    lr_factor = lr_schedule(opt.schedule, opt.epochs, steps, opt.warmup_epochs, opt.decay_epochs,
+                            opt.decay_factor)  # fmt: skip
     run_log = RunLogger(cfg.logging.folder, dist_info.is_main, cfg.logging.tensorboard)
     last, start_epoch = Path(cfg.logging.folder) / LAST, 0
     if resume:
@@ -175,20 +196,21 @@ def run(cfg: LinprobeConfig, resume: bool = False) -> None:
             logger.warning("--resume: no %s; starting from scratch", last)
 
     def on_epoch(epoch: int, losses: list) -> None:
-        run_log.log(step=epoch, **{f"loss/lr{lr:g}": v for lr, v in zip(lrs, losses)})
+        run_log.log(step=epoch, **{f"loss/{n}": v for n, v in zip(names, losses)})
         save_training_state(last, model=heads, optimizer=optimizer, epoch=epoch + 1,
                             step=(epoch + 1) * steps, is_main=dist_info.is_main)  # fmt: skip
 
-    train_heads(heads, optimizer, batches, opt.epochs, steps, opt.warmup_epochs, dist_info,
-                on_epoch, start_epoch)  # fmt: skip
+    train_heads(heads, optimizer, batches, opt.epochs, steps, lr_factor, dist_info, on_epoch,
+                start_epoch)  # fmt: skip
     run_log.close()
     held = evaluate_heads(heads, x_held, y_held)
-    best = max(range(len(lrs)), key=lambda i: (held[i][1], -i))
+    best = max(range(len(grid)), key=lambda i: (held[i][1], -i))
     x_test = torch.from_numpy(np.array(test.feats)).to(dev)
     acc = evaluate_heads(heads[best : best + 1], x_test, torch.from_numpy(test.labels).to(dev))[0]
     settings.update(
-        lrs=lrs, global_batch=opt.batch_size * world, held_out_top1={
-            f"{lr:g}": h[1] for lr, h in zip(lrs, held)}, lr_selected=lrs[best],
+        lrs=sorted({lr for lr, _ in grid}), global_batch=opt.batch_size * world,
+        held_out_top1={n: h[1] for n, h in zip(names, held)}, lr_selected=grid[best][0],
+        wd_selected=grid[best][1],
         n_fit=len(fit_idx), n_held_out=len(y_held), n_test=len(test.labels),
         feature_cache=str(test.path.parent), cache_reused={"train": train.reused,
                                                             "test": test.reused},

@@ -90,8 +90,8 @@ def test_protocols_share_one_extraction(setup):
     assert res_lin["settings"]["cache_reused"] == {"train": True, "test": True}
     assert res_rank["settings"]["cache_reused"] is True
     assert res_lin["protocol"] == "linprobe" and set(res_lin["metrics"]) == {"top1", "top5"}
-    held = res_lin["settings"]["held_out_top1"]
-    assert res_lin["settings"]["lr_selected"] == float(max(held, key=held.get))
+    held, s = res_lin["settings"]["held_out_top1"], res_lin["settings"]
+    assert held[f"lr{s['lr_selected']:g}_wd{s['wd_selected']:g}"] == max(held.values())
     assert 1.0 <= res_rank["metrics"]["rankme"] <= 64 and res_rank["metrics"]["lidar"] >= 1.0
     for name in ("knn_first", "lin", "rank"):
         assert (root / name / "config.yaml").is_file() and (root / name / "log.jsonl").is_file()
@@ -101,8 +101,11 @@ def test_linprobe_concat4_and_online_modes(setup):
     root, common = setup
     quick = ["optimization.epochs=1", "optimization.base_lrs=[0.1]", "optimization.batch_size=64"]
     c4 = run(main_linprobe, root, common, "lin_c4", *quick, "features.layers=concat4",
-             "optimization.optimizer=sgd")  # fmt: skip
+             "optimization.optimizer=sgd", "optimization.schedule=step",
+             "optimization.weight_decays=[0.0,0.01]")  # fmt: skip
     assert c4["features"] == "concat4" and c4["settings"]["optimizer"] == "sgd"
+    assert c4["settings"]["schedule"] == "linear warmup + x0.1 every 15 epochs"
+    assert set(c4["settings"]["held_out_top1"]) == {"lr0.025_wd0", "lr0.025_wd0.01"}
     x, _ = cached(root, c4, "test")
     assert x.shape[1] == 4 * 64  # 4 blocks of the width-64 fixture
     online = run(main_linprobe, root, common, "lin_online", *quick, "linprobe.mode=online")

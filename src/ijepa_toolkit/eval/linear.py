@@ -1,10 +1,12 @@
-"""Linear probes over a learning-rate grid, all trained in one pass over the data (DINOv2 style).
+"""Linear probes over a (learning rate, weight decay) grid, all trained in one pass over the data
+(DINOv2 style).
 
-One ``LinearHead`` (optionally ``BatchNorm1d(affine=False)`` first, as MAE) per learning rate;
-each batch of features goes through every head and the summed loss trains them all at once (the
-heads share no parameters, so each gets exactly its own gradient). Learning rates are
-``base_lr * global_batch / 256`` with a linear warmup then a cosine decay per step. The head to
-report is picked on a held-out part of the training set.
+One ``LinearHead`` (optionally ``BatchNorm1d(affine=False)`` first, as MAE) per grid point; each
+batch of features goes through every head and the summed loss trains them all at once (the heads
+share no parameters, so each gets exactly its own gradient and its own weight decay). Learning
+rates are ``base_lr * global_batch / 256`` with a linear warmup, then per step either a cosine
+decay (MAE, DINOv2) or a step decay (I-JEPA / VISSL: x ``decay_factor`` every ``decay_epochs``).
+The head to report is picked on a held-out part of the training set.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .knn import topk_accuracy
 
 logger = logging.getLogger("ijepa_toolkit")
 OPTIMIZERS = ("sgd", "lars")
+SCHEDULES = ("cosine", "step")
 
 
 def make_heads(in_dim: int, num_classes: int, n: int, batchnorm: bool) -> nn.ModuleList:
@@ -30,26 +33,51 @@ def make_heads(in_dim: int, num_classes: int, n: int, batchnorm: bool) -> nn.Mod
 
 
 def make_optimizer(
-    heads: nn.ModuleList, lrs: Sequence[float], name: str, momentum: float, weight_decay: float
+    heads: nn.ModuleList,
+    grid: Sequence[tuple[float, float]],
+    name: str,
+    momentum: float,
 ) -> torch.optim.Optimizer:
-    """One parameter group per head with its own learning rate; SGD or LARS (timm)."""
+    """One parameter group per head with its own (lr, weight decay) from ``grid``; SGD or LARS
+    (timm)."""
     groups = [
-        {"params": list(h.parameters()), "lr": lr, "base_lr": lr} for h, lr in zip(heads, lrs)
+        {"params": list(h.parameters()), "lr": lr, "base_lr": lr, "weight_decay": wd}
+        for h, (lr, wd) in zip(heads, grid)
     ]
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=grid[0][0], momentum=momentum)
     if name == "lars":
         from timm.optim import Lars
 
-        return Lars(groups, lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
+        return Lars(groups, lr=grid[0][0], momentum=momentum)
     raise ValueError(f"optimization.optimizer must be one of {OPTIMIZERS}, got {name!r}")
 
 
-def cosine_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup over ``warmup`` steps, then a half cosine to 0 at ``total`` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def lr_schedule(
+    name: str,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float,
+    decay_epochs: int = 15,
+    decay_factor: float = 0.1,
+) -> Callable[[int], float]:
+    """``step -> lr multiplier``: linear warmup over ``warmup_epochs``, then ``cosine`` (half
+    cosine to 0 at the last step) or ``step`` (x ``decay_factor`` every ``decay_epochs`` epochs,
+    counted from the start of training)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"optimization.schedule must be one of {SCHEDULES}, got {name!r}")
+    if name == "step" and decay_epochs < 1:
+        raise ValueError(f"optimization.decay_epochs must be >= 1, got {decay_epochs}")
+    total, warmup = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if name == "step":
+            return decay_factor ** (step // (decay_epochs * steps_per_epoch))
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return factor
 
 
 def train_heads(
@@ -58,26 +86,26 @@ def train_heads(
     batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
     epochs: int,
     steps_per_epoch: int,
-    warmup_epochs: float,
+    lr_factor: Callable[[int], float],
     dist_info: DistInfo,
     on_epoch: Callable[[int, list[float]], None] = lambda epoch, losses: None,
     start_epoch: int = 0,
 ) -> None:
     """Train every head on ``batches(epoch)`` ((B, D) features, (B,) labels per step).
 
-    Under torch.distributed the gradients are averaged over ranks (each rank its own batches).
+    Each group's lr is its ``base_lr`` x ``lr_factor(step)`` (``lr_schedule``). Under
+    torch.distributed the gradients are averaged over ranks (each rank its own batches).
     ``on_epoch(epoch, mean loss per head)`` is called after each epoch. ``start_epoch``: the
     number of epochs already done (a resumed run; heads and optimizer already restored).
     """
     criterion = nn.CrossEntropyLoss()
-    total, warmup = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
     step = start_epoch * steps_per_epoch
     heads.train()
     for epoch in range(start_epoch, epochs):
         sums = torch.zeros(len(heads), dtype=torch.float64)
         count = 0
         for feats, labels in batches(epoch):
-            factor = cosine_factor(step, total, warmup)
+            factor = lr_factor(step)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             losses = torch.stack([criterion(h(feats), labels) for h in heads])

@@ -1,5 +1,5 @@
 """The many-head linear probe: each grid point trains exactly as a head trained alone with its own
-learning rate and weight decay, under the cosine or the step schedule."""
+learning rate and weight decay, under the cosine or the step schedule; LARS is MAE's."""
 
 from __future__ import annotations
 
@@ -42,11 +42,45 @@ def test_grid_heads_train_as_if_alone(optimizer):
         head.train()
         for step in range(12):
             x, y = batches[step % 3]
-            single.param_groups[0]["lr"] = lr * factor(step)
+            for group in single.param_groups:
+                group["lr"] = lr * factor(step)
             single.zero_grad()
             nn.functional.cross_entropy(head(x), y).backward()
             single.step()
         for a, b in zip(head.state_dict().values(), trained.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     w = [h.linear.weight.norm().item() for h in heads]
-    assert w[1] < w[0] and not math.isclose(w[1], w[2])  # weight decay acted per head
+    assert not math.isclose(w[0], w[1]) and not math.isclose(w[1], w[2])  # wd, lr per head
+
+
+def mae_lars_step(params, state, lr, wd, momentum=0.9, trust=0.001):
+    """MAE's util/lars.py step: weight decay and trust ratio on tensors with ndim > 1 only."""
+    for p in params:
+        dp = p.grad
+        if p.ndim > 1:
+            dp = dp.add(p, alpha=wd)
+            p_norm, u_norm = torch.norm(p), torch.norm(dp)
+            q = torch.where(p_norm > 0, torch.where(u_norm > 0, trust * p_norm / u_norm, 1.0), 1.0)
+            dp = dp.mul(q)
+        mu = state.setdefault(p, torch.zeros_like(p))
+        mu.mul_(momentum).add_(dp)
+        p.add_(mu, alpha=-lr)
+
+
+def test_lars_is_maes_lars_also_without_weight_decay():
+    torch.manual_seed(0)
+    feats, labels = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    ours = make_heads(8, 3, 1, batchnorm=True)
+    ref = copy.deepcopy(ours[0])
+    opt = make_optimizer(ours, [(2.0, 0.0)], "lars", momentum=0.9)
+    state = {}
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ours[0](feats), labels).backward()
+        opt.step()
+        ref.zero_grad()
+        nn.functional.cross_entropy(ref(feats), labels).backward()
+        with torch.no_grad():
+            mae_lars_step(list(ref.parameters()), state, lr=2.0, wd=0.0)
+    for a, b in zip(ours[0].parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

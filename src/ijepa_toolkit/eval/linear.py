@@ -38,19 +38,28 @@ def make_optimizer(
     name: str,
     momentum: float,
 ) -> torch.optim.Optimizer:
-    """One parameter group per head with its own (lr, weight decay) from ``grid``; SGD or LARS
-    (timm)."""
-    groups = [
-        {"params": list(h.parameters()), "lr": lr, "base_lr": lr, "weight_decay": wd}
-        for h, (lr, wd) in zip(heads, grid)
-    ]
+    """SGD or LARS (timm) with each head's own (lr, weight decay) from ``grid``.
+
+    As MAE's LARS: weight matrices get weight decay and the layer-wise trust ratio (timm's
+    ``always_adapt``, so also at weight decay 0, where timm would otherwise skip it); biases (1-D)
+    get neither, with either optimizer.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimization.optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    groups = []
+    for head, (lr, wd) in zip(heads, grid):
+        params = list(head.parameters())
+        for matrices, decay in ((True, wd), (False, 0.0)):
+            group = [p for p in params if (p.ndim > 1) == matrices]
+            if group:
+                groups.append({"params": group, "lr": lr, "base_lr": lr, "weight_decay": decay})
+                if name == "lars":
+                    groups[-1]["always_adapt"] = matrices
     if name == "sgd":
         return torch.optim.SGD(groups, lr=grid[0][0], momentum=momentum)
-    if name == "lars":
-        from timm.optim import Lars
+    from timm.optim import Lars
 
-        return Lars(groups, lr=grid[0][0], momentum=momentum)
-    raise ValueError(f"optimization.optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    return Lars(groups, lr=grid[0][0], momentum=momentum)
 
 
 def lr_schedule(

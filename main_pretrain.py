@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from ijepa_toolkit.checkpoint import CheckpointWriteError
+from ijepa_toolkit.checkpoint import CheckpointError, CheckpointWriteError
 from ijepa_toolkit.config import ConfigError, config_parser, parse_config
 from ijepa_toolkit.engine.distributed import cleanup, init_distributed
 from ijepa_toolkit.engine.logger import setup_console_logging
@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     setup_console_logging(dist_info.is_main)
     try:
         pretrain(cfg, dist_info)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (TrainingDiverged, CheckpointWriteError) as e:

@@ -117,3 +117,19 @@ def test_training_state_resumes_weights_optimizer_and_rng(tmp_path):
     step(other, other_opt)
     assert state["epoch"] == 1 and state["step"] == 1 and state["best"] == 0.5
     assert torch.equal(other.weight, expected)
+
+
+def test_resuming_into_a_changed_run_names_the_file_and_the_part(tmp_path):
+    from ijepa_toolkit.checkpoint import CheckpointError
+    from ijepa_toolkit.engine.resume import load_training_state, save_training_state
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "last.pth"
+    save_training_state(path, model=model, optimizer=opt, epoch=1, step=1)
+    wider = torch.nn.Linear(3, 4)  # e.g. another class count
+    with pytest.raises(CheckpointError, match=rf"^{path}: its model state does not fit .*size"):
+        load_training_state(path, wider, torch.optim.SGD(wider.parameters(), lr=0.1))
+    groups = [{"params": [model.weight]}, {"params": [model.bias]}]  # e.g. another lr grid
+    with pytest.raises(CheckpointError, match=rf"^{path}: its optimizer state does not fit"):
+        load_training_state(path, model, torch.optim.SGD(groups, lr=0.1))

@@ -123,3 +123,16 @@ def test_ddp_two_processes_match_one_process(digits, tmp_path):
     la = [r["loss"] for r in read_jsonl(tmp_path / "one" / "log.jsonl") if "loss" in r]
     lb = [r["loss"] for r in read_jsonl(tmp_path / "two" / "log.jsonl") if "loss" in r]
     assert la == pytest.approx(lb, rel=1e-4)
+
+
+def test_resuming_a_folder_written_by_another_model_is_one_error_line(digits, tmp_path, capsys):
+    import main_pretrain
+
+    args = tiny_overrides(digits, tmp_path, **{"optimization.epochs": 1, "logging.rankme_freq": 0})
+    assert main_pretrain.main(["--fname", str(CONFIG), *args]) == 0
+    wider = [*args, "model.arch={embed_dim: 64, depth: 2, num_heads: 4}"]
+    assert main_pretrain.main(["--fname", str(CONFIG), *wider]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path / 'checkpoint-last.pth'}: its encoder state does "
+                           "not fit this run's encoder")  # fmt: skip
+    assert "size mismatch" in last

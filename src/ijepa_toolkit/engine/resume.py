@@ -86,15 +86,26 @@ def load_training_state(
         raise CheckpointError(
             f"{path}: not a resumable training checkpoint (keys: {list(obj)[:8]})"
         )
-    unwrap(model).load_state_dict(obj["model"])
-    if optimizer is not None and obj.get("optimizer") is not None:
-        optimizer.load_state_dict(obj["optimizer"])
-    if scaler is not None and obj.get("scaler") is not None:
-        scaler.load_state_dict(obj["scaler"])
+    for part, key in ((unwrap(model), "model"), (optimizer, "optimizer"), (scaler, "scaler")):
+        if part is not None and obj.get(key) is not None:
+            load_part(part, obj[key], path, key)
     if restore_rng and obj.get("rng"):
         restore_rng_states(obj["rng"], rank, path)
     logger.info("resumed from %s: epoch %s, step %s", path, obj["epoch"], obj.get("step"))
     return obj
+
+
+def load_part(part: Any, state: Any, path: Union[str, Path], key: str) -> None:
+    """``part.load_state_dict(state)``; a mismatch is a ``CheckpointError`` naming file and key."""
+    try:
+        part.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # torch's messages name no file
+        detail = " ".join(str(e).split())[:400]
+        raise CheckpointError(
+            f"{path}: its {key} state does not fit this run's {key} (was the config changed "
+            f"since it was written? resume with the same settings or a new logging.folder): "
+            f"{detail}"
+        ) from None
 
 
 def restore_rng_states(states: list, rank: int, path: Union[str, Path] = "") -> None:

@@ -26,12 +26,18 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from ..checkpoint import read_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from ..config import ConfigError, LoggingSection, MetaSection, save_config, to_dict
 from ..data.folder import SafeImageFolder, collate_skip_none
 from ..engine.distributed import DistInfo, all_gather_cat, all_reduce_sum, barrier
 from ..engine.logger import RunLogger, write_results
-from ..engine.resume import LAST, gather_objects, gather_rng_states, restore_rng_states
+from ..engine.resume import (
+    LAST,
+    gather_objects,
+    gather_rng_states,
+    load_part,
+    restore_rng_states,
+)
 from ..engine.utils import autocast, progress, seed_everything
 from ..eval.rank import rankme
 from ..masks.multiblock import MaskSection, MultiBlockMaskSampler
@@ -225,10 +231,15 @@ class Pretrainer:
     def resume(self) -> None:
         """Restore weights, optimizer, counters, target-norm statistics and this rank's RNG."""
         obj = read_checkpoint(self.ckpt_path)
+        missing = [k for k in (*SUBMODULES, "opt", "target_norm", "epoch", "step", "rng")
+                   if k not in obj]  # fmt: skip
+        if missing:
+            raise CheckpointError(f"{self.ckpt_path}: not a resumable pretraining checkpoint "
+                                  f"(missing {', '.join(missing)})")  # fmt: skip
         for name in SUBMODULES:
-            getattr(self, name).load_state_dict(_unprefixed(obj[name]))
-        self.optimizer.load_state_dict(obj["opt"])
-        self.target_norm.load_state_dict(obj["target_norm"])
+            load_part(getattr(self, name), _unprefixed(obj[name]), self.ckpt_path, name)
+        load_part(self.optimizer, obj["opt"], self.ckpt_path, "opt")
+        load_part(self.target_norm, obj["target_norm"], self.ckpt_path, "target_norm")
         self.epoch, self.step = int(obj["epoch"]), int(obj["step"])
         restore_rng_states(obj["rng"], self.dist.rank, self.ckpt_path)
         waiting = obj.get("packing_waiting") or []

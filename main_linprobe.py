@@ -92,18 +92,21 @@ def schedule_text(opt: OptimizationSection) -> str:
     return "linear warmup + cosine"
 
 
-def cached_batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int,
-                   rank: int, world: int):  # fmt: skip
-    """``batches(epoch)``: a seeded shuffle per epoch, this rank's equal share, full batches."""
-    per_rank = len(labels) // world
+def cached_batches(feats: np.ndarray, labels: np.ndarray, rows: np.ndarray, batch_size: int,
+                   seed: int, rank: int, world: int, device: torch.device):  # fmt: skip
+    """``batches(epoch)`` of (B, D) features and (B,) labels from ``rows`` of the (memory-mapped)
+    cache: a seeded shuffle per epoch, this rank's equal share, full batches, each batch read
+    from the cache and moved to ``device`` on its own (ranks share the page cache)."""
+    per_rank = len(rows) // world
     steps = max(1, per_rank // batch_size)
 
     def batches(epoch: int):
         g = torch.Generator().manual_seed(seed * 1000 + epoch)
-        mine = torch.randperm(len(labels), generator=g)[rank * per_rank : (rank + 1) * per_rank]
+        mine = torch.randperm(len(rows), generator=g)[rank * per_rank : (rank + 1) * per_rank]
         for i in range(steps):
-            idx = mine[i * batch_size : (i + 1) * batch_size].to(feats.device)
-            yield feats[idx], labels[idx]
+            idx = rows[mine[i * batch_size : (i + 1) * batch_size].numpy()]
+            yield (torch.from_numpy(np.ascontiguousarray(feats[idx])).to(device),
+                   torch.from_numpy(labels[idx]).to(device))  # fmt: skip
 
     return batches, steps
 
@@ -162,17 +165,13 @@ def run(cfg: LinprobeConfig, resume: bool = False) -> None:
     if lp.mode == "cached":
         train = split_features(cfg, cfg.data.train_folder, dist_info)
         fit_idx, held_idx = held_out_split(train.labels, lp.held_out_fraction, cfg.meta.seed)
-        x = torch.from_numpy(np.array(train.feats)).to(dev)
-        y = torch.from_numpy(train.labels).to(dev)
-        x_held, y_held = x[held_idx], y[held_idx]
-        batches, steps = cached_batches(x[fit_idx], y[fit_idx], opt.batch_size, cfg.meta.seed,
-                                        dist_info.rank, world)  # fmt: skip
+        batches, steps = cached_batches(train.feats, train.labels, fit_idx, opt.batch_size,
+                                        cfg.meta.seed, dist_info.rank, world, dev)  # fmt: skip
     else:
         targets = np.asarray(SafeImageFolder(cfg.data.train_folder).targets)
         fit_idx, held_idx = held_out_split(targets, lp.held_out_fraction, cfg.meta.seed)
         train = split_features(cfg, cfg.data.train_folder, dist_info, held_idx.tolist())
-        x_held = torch.from_numpy(np.array(train.feats)).to(dev)
-        y_held = torch.from_numpy(train.labels).to(dev)
+        held_idx = np.arange(len(train.labels))  # the held-out images are all of this cache
         batches, steps = online_batches(cfg, fit_idx.tolist(), dist_info)
     check_same_classes(train, test)
     grid = [
@@ -203,15 +202,14 @@ def run(cfg: LinprobeConfig, resume: bool = False) -> None:
     train_heads(heads, optimizer, batches, opt.epochs, steps, lr_factor, dist_info, on_epoch,
                 start_epoch)  # fmt: skip
     run_log.close()
-    held = evaluate_heads(heads, x_held, y_held)
+    held = evaluate_heads(heads, train.feats, train.labels, held_idx)
     best = max(range(len(grid)), key=lambda i: (held[i][1], -i))
-    x_test = torch.from_numpy(np.array(test.feats)).to(dev)
-    acc = evaluate_heads(heads[best : best + 1], x_test, torch.from_numpy(test.labels).to(dev))[0]
+    acc = evaluate_heads(heads[best : best + 1], test.feats, test.labels)[0]
     settings.update(
         lrs=sorted({lr for lr, _ in grid}), global_batch=opt.batch_size * world,
         held_out_top1={n: h[1] for n, h in zip(names, held)}, lr_selected=grid[best][0],
         wd_selected=grid[best][1],
-        n_fit=len(fit_idx), n_held_out=len(y_held), n_test=len(test.labels),
+        n_fit=len(fit_idx), n_held_out=len(held_idx), n_test=len(test.labels),
         feature_cache=str(test.path.parent), cache_reused={"train": train.reused,
                                                             "test": test.reused},
     )  # fmt: skip

@@ -84,3 +84,23 @@ def test_lars_is_maes_lars_also_without_weight_decay():
             mae_lars_step(list(ref.parameters()), state, lr=2.0, wd=0.0)
     for a, b in zip(ours[0].parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_cached_batches_read_only_the_fit_rows_from_the_memmap(tmp_path):
+    import numpy as np
+
+    from main_linprobe import cached_batches
+
+    feats = np.lib.format.open_memmap(tmp_path / "f.npy", "w+", np.float32, (40, 3))
+    feats[:] = np.arange(120, dtype=np.float32).reshape(40, 3)  # row i holds 3i, 3i+1, 3i+2
+    labels = np.arange(40) % 4
+    rows = np.arange(0, 40, 2)  # the fit rows; odd rows are held out
+    seen = []
+    for rank in (0, 1):
+        batches, steps = cached_batches(feats, labels, rows, 4, 0, rank, 2, torch.device("cpu"))
+        assert steps == 2  # 20 rows / 2 ranks / batch 4, full batches only
+        for x, y in batches(epoch=3):
+            i = (x[:, 0] / 3).long()
+            assert torch.equal(x, torch.from_numpy(feats[i.numpy()])) and torch.equal(y, i % 4)
+            seen += i.tolist()
+    assert len(seen) == len(set(seen)) == 16 and set(seen) <= set(rows.tolist())

@@ -111,9 +111,15 @@ def knn_scores(
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict:
-    """Percent of rows whose label is among the ``k`` highest scores, for each k in ``topk``."""
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict:
+    """Number of rows of (N, C) ``scores`` whose label is among the ``k`` highest, for each k."""
     labels = labels.to(scores.device).long()
     ranked = scores.topk(min(max(topk), scores.shape[1]), dim=1).indices
     hits = ranked == labels[:, None]
-    return {k: 100.0 * float(hits[:, :k].any(dim=1).double().mean()) for k in topk}
+    return {k: int(hits[:, :k].any(dim=1).sum()) for k in topk}
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict:
+    """Percent of rows whose label is among the ``k`` highest scores, for each k in ``topk``."""
+    hits = topk_hits(scores, labels, topk)
+    return {k: 100.0 * hits[k] / len(labels) for k in topk}

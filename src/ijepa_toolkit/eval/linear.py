@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..engine.distributed import DistInfo, all_reduce_sum
 from ..models.heads import LinearHead
-from .knn import topk_accuracy
+from .knn import topk_hits
 
 logger = logging.getLogger("ijepa_toolkit")
 OPTIMIZERS = ("sgd", "lars")
@@ -133,13 +134,26 @@ def train_heads(
 
 @torch.no_grad()
 def evaluate_heads(
-    heads: nn.ModuleList, feats: torch.Tensor, labels: torch.Tensor, batch_size: int = 4096
+    heads: nn.ModuleList,
+    feats: np.ndarray,
+    labels: np.ndarray,
+    rows: Optional[np.ndarray] = None,
+    batch_size: int = 4096,
 ) -> list[dict]:
-    """``{1: top-1 %, 5: top-5 %}`` of each head on (N, D) features and (N,) labels."""
+    """``{1: top-1 %, 5: top-5 %}`` of each head on (N, D) features and (N,) labels.
+
+    ``feats`` may be a memory-mapped feature cache: ``batch_size`` rows (of ``rows``, default
+    all) are read at a time and moved to the heads' device, so nothing else is held in memory.
+    """
     heads.eval()
-    scores = [[] for _ in heads]
-    for start in range(0, len(feats), batch_size):
-        x = feats[start : start + batch_size]
-        for i, h in enumerate(heads):
-            scores[i].append(h(x))
-    return [topk_accuracy(torch.cat(s), labels, (1, 5)) for s in scores]
+    device = next(heads.parameters()).device
+    rows = np.arange(len(labels)) if rows is None else np.asarray(rows)
+    hits = [{1: 0, 5: 0} for _ in heads]
+    for start in range(0, len(rows), batch_size):
+        r = rows[start : start + batch_size]
+        x = torch.from_numpy(np.ascontiguousarray(feats[r])).to(device)
+        y = torch.from_numpy(np.asarray(labels[r])).to(device)
+        for total, h in zip(hits, heads):
+            for k, n in topk_hits(h(x), y, (1, 5)).items():
+                total[k] += n
+    return [{k: 100.0 * n / max(len(rows), 1) for k, n in h.items()} for h in hits]

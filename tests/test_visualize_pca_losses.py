@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -92,7 +94,8 @@ def test_patch_losses_mark_targeted_patches_only(ckpt_path, context_encoder, tar
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     mean, counts = patch_losses(context_encoder, target_encoder, predictor, x,
                                 LossesSection(maskings=1), seed=3)  # fmt: skip
-    targeted = counts.flatten() > 0
+    assert torch.equal(counts[0], counts[1])  # block masking: the same block for every image
+    targeted = counts[0].flatten() > 0
     assert mean.shape == (2, 4, 4) and 0 < int(targeted.sum()) < 16
     assert torch.isnan(mean.flatten(1)[:, ~targeted]).all()
     assert (mean.flatten(1)[:, targeted] > 0).all()
@@ -106,3 +109,42 @@ def test_losses_without_checkpoint_is_one_error_line(digits, tmp_path, capsys):
     assert main(["losses", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model.checkpoint" in err
+
+
+def test_multiblock_losses_average_each_patch_over_the_blocks_covering_it(
+    ckpt_path, context_encoder, target_encoder
+):
+    from ijepa_toolkit.masks.multiblock import MaskSection, MultiBlockMaskSampler
+    from ijepa_toolkit.models.vit import apply_masks, encode_masked
+
+    predictor = load_predictor(ckpt_path, num_heads=4)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cfg = LossesSection(maskings=2, masking="multiblock", target_scale=[0.15, 0.3], min_keep=2)
+    mean, counts = patch_losses(context_encoder, target_encoder, predictor, x, cfg, seed=5)
+    # direct: the same draws of the pretraining sampler, each (image, patch) loss listed per block
+    sampler = MultiBlockMaskSampler((4, 4), MaskSection(pred_mask_scale=(0.15, 0.3), min_keep=2))
+    g = torch.Generator().manual_seed(5)
+    h = torch.nn.functional.layer_norm(target_encoder.forward_features(x), (64,))
+    seen: dict = {}
+    with torch.no_grad():
+        for step in range(2):
+            enc, pred = sampler.sample(2, step, g)
+            z = encode_masked(context_encoder, x, enc[0])
+            for tgt in pred:
+                loss = torch.nn.functional.smooth_l1_loss(
+                    predictor(z, enc[0], tgt), apply_masks(h, tgt), reduction="none"
+                ).mean(-1)
+                for i in range(2):
+                    for j, patch in enumerate(tgt[i].tolist()):
+                        seen.setdefault((i, patch), []).append(float(loss[i, j]))
+    for i in range(2):
+        for patch in range(16):
+            got = float(mean[i].flatten()[patch])
+            if (i, patch) in seen:
+                assert got == pytest.approx(np.mean(seen[i, patch]), rel=1e-5)
+                assert counts[i].flatten()[patch] == len(seen[i, patch])
+            else:
+                assert math.isnan(got) and counts[i].flatten()[patch] == 0
+    assert counts.max() > 1  # overlapping target blocks were averaged somewhere
+    with pytest.raises(ValueError, match="losses.masking must be one of"):
+        patch_losses(context_encoder, target_encoder, predictor, x, LossesSection(masking="x"))

@@ -3,7 +3,8 @@
 ``visualize.py pca``: the patch tokens of each image (``encoder.forward_features``) projected on
 their 3 principal components (fitted over all images' patches together) and shown as RGB next to
 the image. ``visualize.py losses``: the I-JEPA prediction loss of every patch, averaged over many
-random maskings (one target block, the rest as context), as a heat map next to the image.
+random maskings (one target block with the rest as context, or I-JEPA's multi-block masks), as a
+heat map next to the image.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .models.vit import apply_masks, encode_masked
 
 logger = logging.getLogger("ijepa_toolkit")
 GAP = 2  # white pixels between panels
+MASKINGS = ("block", "multiblock")
 MIN_PANEL = 128  # panels smaller than this are upscaled (nearest) by an integer factor
 
 
@@ -53,8 +55,15 @@ class VizDataSection:
 @dataclasses.dataclass
 class LossesSection:
     maskings: int = 64  # random maskings per image
+    # block: one target block, every other patch is context (how predictable each patch is from
+    # the rest); multiblock: I-JEPA's training masks (num_targets blocks, a context block of
+    # context_scale with the targets removed), drawn by the pretraining sampler
+    masking: str = "block"
     target_scale: list[float] = dataclasses.field(default_factory=lambda: [0.15, 0.2])
     aspect_ratio: list[float] = dataclasses.field(default_factory=lambda: [0.75, 1.5])
+    num_targets: int = 4  # multiblock only
+    context_scale: list[float] = dataclasses.field(default_factory=lambda: [0.85, 1.0])
+    min_keep: int = 4  # multiblock only: context patches at least
 
 
 @dataclasses.dataclass
@@ -162,6 +171,32 @@ def sample_block(
     return flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
 
 
+def check_masking(cfg: LossesSection) -> None:
+    if cfg.masking not in MASKINGS:
+        raise ConfigError(f"losses.masking must be one of {MASKINGS}, got {cfg.masking!r}")
+
+
+def maskings(grid: tuple[int, int], b: int, cfg: LossesSection, seed: int):
+    """``cfg.maskings`` draws of ``(context (B, Kc), [targets (B, Kt), ...])`` index tensors."""
+    g = torch.Generator().manual_seed(seed)
+    if cfg.masking == "block":
+        for _ in range(cfg.maskings):
+            tgt, ctx = sample_block(grid, cfg.target_scale, cfg.aspect_ratio, g)
+            yield ctx.expand(b, -1), [tgt.expand(b, -1)]
+        return
+    from .masks.multiblock import MaskSection, MultiBlockMaskSampler
+
+    mask = MaskSection(
+        enc_mask_scale=tuple(cfg.context_scale), pred_mask_scale=tuple(cfg.target_scale),
+        aspect_ratio=tuple(cfg.aspect_ratio), num_pred_masks=cfg.num_targets,
+        min_keep=cfg.min_keep,
+    )  # fmt: skip
+    sampler = MultiBlockMaskSampler(grid, mask)
+    for step in range(cfg.maskings):
+        enc, pred = sampler.sample(b, step, g)
+        yield enc[0], pred
+
+
 @torch.no_grad()
 def patch_losses(
     context_encoder: torch.nn.Module,
@@ -171,29 +206,27 @@ def patch_losses(
     cfg: LossesSection,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean I-JEPA loss of each patch over ``cfg.maskings`` random maskings.
+    """Mean I-JEPA loss of each patch over ``cfg.maskings`` random maskings (``cfg.masking``).
 
     Targets are the layer-normalised target-encoder tokens and the loss the official smooth L1,
     averaged over the feature dimension. Returns (B, h, w) mean losses (NaN where a patch was never
-    a target) and (h, w) counts of maskings that targeted each patch.
+    a target) and (B, h, w) counts of the target blocks that covered each patch.
     """
+    check_masking(cfg)
     grid = grid_of(target_encoder, images.shape[-1])
-    b = images.shape[0]
+    b, n = images.shape[0], grid[0] * grid[1]
     h = target_encoder.forward_features(images)[:, target_encoder.num_prefix_tokens :]
     h = F.layer_norm(h, (h.shape[-1],))
-    sums = torch.zeros(b, grid[0] * grid[1])
-    counts = torch.zeros(grid[0] * grid[1])
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(cfg.maskings):
-        tgt, ctx = sample_block(grid, cfg.target_scale, cfg.aspect_ratio, g)
-        tgt_b, ctx_b = tgt.expand(b, -1), ctx.expand(b, -1)
-        z = encode_masked(context_encoder, images, ctx_b)
-        pred = predictor(z, ctx_b, tgt_b)  # (B, Kt, D)
-        loss = F.smooth_l1_loss(pred, apply_masks(h, tgt_b), reduction="none").mean(-1)
-        sums[:, tgt] += loss.float().cpu()
-        counts[tgt] += 1
+    sums, counts = torch.zeros(b, n), torch.zeros(b, n)
+    for ctx, targets in maskings(grid, b, cfg, seed):
+        z = encode_masked(context_encoder, images, ctx)
+        for tgt in targets:
+            pred = predictor(z, ctx, tgt)  # (B, Kt, D)
+            loss = F.smooth_l1_loss(pred, apply_masks(h, tgt), reduction="none").mean(-1)
+            sums.scatter_add_(1, tgt.cpu(), loss.float().cpu())
+            counts.scatter_add_(1, tgt.cpu(), torch.ones(tgt.shape))
     mean = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, math.nan))
-    return mean.view(b, *grid), counts.view(*grid)
+    return mean.view(b, *grid), counts.view(b, *grid)
 
 
 def loss_panels(losses: torch.Tensor, images: torch.Tensor) -> list[list[np.ndarray]]:
@@ -232,6 +265,7 @@ def losses(argv: Optional[Sequence[str]] = None) -> Path:
     """``visualize.py losses``: writes ``<logging.folder>/losses.png``; returns its path."""
     cfg, device, out = _setup(argv, "Per-patch I-JEPA prediction loss over random maskings")
     m = cfg.model
+    check_masking(cfg.losses)
     if not m.checkpoint:
         raise ConfigError("losses needs model.checkpoint: an I-JEPA checkpoint with a predictor")
     ctx_enc = load_encoder(m.checkpoint, which="encoder", num_heads=m.num_heads).to(device)

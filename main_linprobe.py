@@ -39,8 +39,8 @@ from ijepa_toolkit.eval.frozen import (
     start_run,
 )
 from ijepa_toolkit.eval.linear import (
+    build_scheduler,
     evaluate_heads,
-    lr_schedule,
     make_heads,
     make_optimizer,
     train_heads,
@@ -181,8 +181,8 @@ def run(cfg: LinprobeConfig, resume: bool = False) -> None:
     seed_everything(cfg.meta.seed)  # heads start alike on every rank, cache hit or miss
     heads = make_heads(test.feats.shape[1], len(test.classes), len(grid), lp.batchnorm).to(dev)
     optimizer = make_optimizer(heads, grid, opt.optimizer, opt.momentum)
-    lr_factor = lr_schedule(opt.schedule, opt.epochs, steps, opt.warmup_epochs, opt.decay_epochs,
-                            opt.decay_factor)  # fmt: skip
+    scheduler = build_scheduler(optimizer, opt.schedule, opt.epochs, steps, opt.warmup_epochs,
+                                opt.decay_epochs, opt.decay_factor)  # fmt: skip
     run_log = RunLogger(cfg.logging.folder, dist_info.is_main, cfg.logging.tensorboard)
     last, start_epoch = Path(cfg.logging.folder) / LAST, 0
     if resume:
@@ -199,7 +199,7 @@ def run(cfg: LinprobeConfig, resume: bool = False) -> None:
         save_training_state(last, model=heads, optimizer=optimizer, epoch=epoch + 1,
                             step=(epoch + 1) * steps, is_main=dist_info.is_main)  # fmt: skip
 
-    train_heads(heads, optimizer, batches, opt.epochs, steps, lr_factor, dist_info, on_epoch,
+    train_heads(heads, optimizer, batches, opt.epochs, steps, scheduler, dist_info, on_epoch,
                 start_epoch)  # fmt: skip
     run_log.close()
     held = evaluate_heads(heads, train.feats, train.labels, held_idx)

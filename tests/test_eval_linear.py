@@ -11,18 +11,44 @@ import torch
 from torch import nn
 
 from ijepa_toolkit.engine.distributed import DistInfo
-from ijepa_toolkit.eval.linear import lr_schedule, make_heads, make_optimizer, train_heads
+from ijepa_toolkit.eval.linear import build_scheduler, make_heads, make_optimizer, train_heads
 
 
-def test_step_schedule_divides_every_decay_epochs_after_warmup():
-    f = lr_schedule("step", epochs=6, steps_per_epoch=3, warmup_epochs=0, decay_epochs=2)
-    assert [f(s) for s in range(18)] == pytest.approx([1.0] * 6 + [0.1] * 6 + [0.01] * 6)
-    f = lr_schedule("step", epochs=6, steps_per_epoch=3, warmup_epochs=1, decay_epochs=2)
-    assert [f(s) for s in range(7)] == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1, 0.1])
-    f = lr_schedule("cosine", epochs=2, steps_per_epoch=5, warmup_epochs=0)
-    assert [f(s) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
+def mae_lr(step: int, steps_per_epoch: int, epochs: int, warmup: float, base: float) -> float:
+    """MAE's util/lr_sched.adjust_learning_rate at a fractional epoch (min_lr 0)."""
+    epoch = step / steps_per_epoch
+    if epoch < warmup:
+        return base * epoch / warmup
+    return base * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / (epochs - warmup)))
+
+
+def step_lr(step: int, steps_per_epoch: int, warmup: int, every: int, base: float) -> float:
+    """Linear warmup from 0, then base x 0.1 every ``every`` epochs from the start (VISSL)."""
+    if step < warmup * steps_per_epoch:
+        return base * step / (warmup * steps_per_epoch)
+    return base * 0.1 ** (step // (every * steps_per_epoch))
+
+
+def scheduled_lrs(name: str, steps: int, **kw) -> list[list[float]]:
+    groups = [{"params": [nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (1.0, 0.5)]
+    opt = torch.optim.SGD(groups, lr=1.0)
+    scheduler = build_scheduler(opt, name, **kw)
+    out = []
+    for step in range(steps):
+        scheduler.step_update(step)
+        out.append([g["lr"] for g in opt.param_groups])
+    return out
+
+
+def test_schedules_are_maes_cosine_and_vissls_steps_per_group():
+    got = scheduled_lrs("cosine", 20, epochs=4, steps_per_epoch=5, warmup_epochs=1)
+    want = [mae_lr(s, 5, 4, 1, b) for s in range(20) for b in (1.0, 0.5)]
+    assert sum(got, []) == pytest.approx(want, abs=1e-12)
+    got = scheduled_lrs("step", 18, epochs=6, steps_per_epoch=3, warmup_epochs=1, decay_epochs=2)
+    want = [step_lr(s, 3, 1, 2, b) for s in range(18) for b in (1.0, 0.5)]
+    assert sum(got, []) == pytest.approx(want, abs=1e-12)
     with pytest.raises(ValueError, match="optimization.schedule must be one of"):
-        lr_schedule("linear", 1, 1, 0)
+        scheduled_lrs("linear", 1, epochs=1, steps_per_epoch=1, warmup_epochs=0)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "lars"])
@@ -33,9 +59,9 @@ def test_grid_heads_train_as_if_alone(optimizer):
     grid = [(0.1, 0.0), (0.1, 0.5), (0.5, 0.5)]
     heads = make_heads(8, 3, len(grid), batchnorm=True)
     alone = [copy.deepcopy(h) for h in heads]
-    factor = lr_schedule("step", epochs=4, steps_per_epoch=3, warmup_epochs=1, decay_epochs=2)
     opt = make_optimizer(heads, grid, optimizer, momentum=0.9)
-    train_heads(heads, opt, lambda epoch: batches, 4, 3, factor, DistInfo())
+    scheduler = build_scheduler(opt, "step", 4, 3, warmup_epochs=1, decay_epochs=2)
+    train_heads(heads, opt, lambda epoch: batches, 4, 3, scheduler, DistInfo())
 
     for head, (lr, wd), trained in zip(alone, grid, heads):
         single = make_optimizer(nn.ModuleList([head]), [(lr, wd)], optimizer, momentum=0.9)
@@ -43,7 +69,7 @@ def test_grid_heads_train_as_if_alone(optimizer):
         for step in range(12):
             x, y = batches[step % 3]
             for group in single.param_groups:
-                group["lr"] = lr * factor(step)
+                group["lr"] = step_lr(step, 3, 1, 2, lr)
             single.zero_grad()
             nn.functional.cross_entropy(head(x), y).backward()
             single.step()

@@ -4,19 +4,20 @@
 One ``LinearHead`` (optionally ``BatchNorm1d(affine=False)`` first, as MAE) per grid point; each
 batch of features goes through every head and the summed loss trains them all at once (the heads
 share no parameters, so each gets exactly its own gradient and its own weight decay). Learning
-rates are ``base_lr * global_batch / 256`` with a linear warmup, then per step either a cosine
-decay (MAE, DINOv2) or a step decay (I-JEPA / VISSL: x ``decay_factor`` every ``decay_epochs``).
+rates are ``base_lr * global_batch / 256`` with timm's schedulers per step: a linear warmup, then
+a cosine decay (MAE) or a step decay (I-JEPA / VISSL: x ``decay_factor`` every ``decay_epochs``).
 The head to report is picked on a held-out part of the training set.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 from ..engine.distributed import DistInfo, all_reduce_sum
@@ -53,7 +54,7 @@ def make_optimizer(
         for matrices, decay in ((True, wd), (False, 0.0)):
             group = [p for p in params if (p.ndim > 1) == matrices]
             if group:
-                groups.append({"params": group, "lr": lr, "base_lr": lr, "weight_decay": decay})
+                groups.append({"params": group, "lr": lr, "weight_decay": decay})
                 if name == "lars":
                     groups[-1]["always_adapt"] = matrices
     if name == "sgd":
@@ -63,31 +64,33 @@ def make_optimizer(
     return Lars(groups, lr=grid[0][0], momentum=momentum)
 
 
-def lr_schedule(
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
     name: str,
     epochs: int,
     steps_per_epoch: int,
     warmup_epochs: float,
     decay_epochs: int = 15,
     decay_factor: float = 0.1,
-) -> Callable[[int], float]:
-    """``step -> lr multiplier``: linear warmup over ``warmup_epochs``, then ``cosine`` (half
-    cosine to 0 at the last step) or ``step`` (x ``decay_factor`` every ``decay_epochs`` epochs,
-    counted from the start of training)."""
+) -> Scheduler:
+    """timm scheduler in optimizer steps (``step_update(step)`` before each step): linear warmup
+    from 0 over ``warmup_epochs`` (MAE), then ``cosine`` to 0 at the last step (MAE's
+    ``adjust_learning_rate`` per step) or ``step`` (x ``decay_factor`` every ``decay_epochs``
+    epochs counted from the start of training, VISSL's multi-step). Each group keeps its own lr."""
     if name not in SCHEDULES:
         raise ValueError(f"optimization.schedule must be one of {SCHEDULES}, got {name!r}")
     if name == "step" and decay_epochs < 1:
         raise ValueError(f"optimization.decay_epochs must be >= 1, got {decay_epochs}")
-    total, warmup = epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if name == "step":
-            return decay_factor ** (step // (decay_epochs * steps_per_epoch))
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return factor
+    total, warmup = epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch))
+    if name == "cosine":
+        return CosineLRScheduler(
+            optimizer, t_initial=max(total - warmup, 1), lr_min=0.0, warmup_t=warmup,
+            warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
+        )  # fmt: skip
+    return StepLRScheduler(
+        optimizer, decay_t=decay_epochs * steps_per_epoch, decay_rate=decay_factor,
+        warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=False, t_in_epochs=False,
+    )  # fmt: skip
 
 
 def train_heads(
@@ -96,14 +99,14 @@ def train_heads(
     batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
     epochs: int,
     steps_per_epoch: int,
-    lr_factor: Callable[[int], float],
+    scheduler: Scheduler,
     dist_info: DistInfo,
     on_epoch: Callable[[int, list[float]], None] = lambda epoch, losses: None,
     start_epoch: int = 0,
 ) -> None:
     """Train every head on ``batches(epoch)`` ((B, D) features, (B,) labels per step).
 
-    Each group's lr is its ``base_lr`` x ``lr_factor(step)`` (``lr_schedule``). Under
+    The lrs are set per step by ``scheduler.step_update(step)`` (``build_scheduler``). Under
     torch.distributed the gradients are averaged over ranks (each rank its own batches).
     ``on_epoch(epoch, mean loss per head)`` is called after each epoch. ``start_epoch``: the
     number of epochs already done (a resumed run; heads and optimizer already restored).
@@ -115,9 +118,7 @@ def train_heads(
         sums = torch.zeros(len(heads), dtype=torch.float64)
         count = 0
         for feats, labels in batches(epoch):
-            factor = lr_factor(step)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
+            scheduler.step_update(step)
             losses = torch.stack([criterion(h(feats), labels) for h in heads])
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()

@@ -5,9 +5,14 @@ then prints and writes ``<table>.md`` and ``<table>.csv``: ours, the paper's val
 ``--dry-run`` prints exactly the commands it would run.
 """
 
+import os
 import sys
 
 from ijepa_toolkit.tables import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # output piped into `head`: stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

@@ -39,6 +39,8 @@ from ijepa_toolkit.eval.frozen import (
     start_run,
 )
 from ijepa_toolkit.eval.linear import (
+    OPTIMIZERS,
+    SCHEDULES,
     build_scheduler,
     evaluate_heads,
     make_heads,
@@ -151,6 +153,12 @@ def run(cfg: LinprobeConfig, resume: bool = False) -> None:
             "online": "online: RandomResizedCrop + flip each step"}  # fmt: skip
     if lp.mode not in mode:
         raise ValueError(f"linprobe.mode must be one of {list(mode)}, got {lp.mode!r}")
+    for key, value, allowed in (("optimizer", opt.optimizer, OPTIMIZERS),
+                                ("schedule", opt.schedule, SCHEDULES)):  # fmt: skip
+        if value not in allowed:  # checked before hours of feature extraction, not after
+            raise ValueError(f"optimization.{key} must be one of {allowed}, got {value!r}")
+    if not opt.base_lrs or not opt.weight_decays:
+        raise ValueError("optimization.base_lrs and optimization.weight_decays need >= 1 value")
     settings = {
         "mode": mode[lp.mode], "head": ("BatchNorm1d(affine=False) + " if lp.batchnorm else "")
         + "Linear", "optimizer": opt.optimizer, "base_lrs": opt.base_lrs,

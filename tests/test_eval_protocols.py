@@ -155,3 +155,18 @@ def test_bad_input_is_one_error_line(setup, tmp_path, capsys):
         assert err.value.code == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert lines[-1].startswith("error: ")
+
+
+def test_linprobe_rejects_bad_optimizer_settings_before_extracting(setup, tmp_path, capsys):
+    root, common = setup
+    bad = {"optimization.schedule": "linear", "optimization.optimizer": "adam",
+           "optimization.weight_decays": "[]"}  # fmt: skip
+    for key, value in bad.items():
+        extra = [f"{key}={value}"]
+        cache = tmp_path / "cache"
+        with pytest.raises(SystemExit) as err:
+            main_linprobe.main([*common, f"logging.folder={tmp_path / 'run'}",
+                                f"features.cache_dir={cache}", *extra])  # fmt: skip
+        assert err.value.code == 2
+        assert key in capsys.readouterr().err.strip().splitlines()[-1]
+        assert not cache.exists()  # failed before any feature was extracted

@@ -24,6 +24,7 @@ from ijepa_toolkit.eval.features import EvalDataSection, FeaturesSection
 from ijepa_toolkit.eval.frozen import (
     check_same_classes,
     finish_run,
+    require,
     run_cli,
     split_features,
     start_run,
@@ -49,6 +50,12 @@ class KNNConfig:
 
 
 def run(cfg: KNNConfig) -> None:
+    k = cfg.knn
+    require([
+        ("knn.ks", k.ks, bool(k.ks) and all(i >= 1 for i in k.ks), "a non-empty list of ints >= 1"),
+        ("knn.temperature", k.temperature, k.temperature > 0, "> 0"),
+        ("knn.chunk_size", k.chunk_size, k.chunk_size >= 1, ">= 1"),
+    ])  # fmt: skip
     settings = {
         "normalize": "l2", "similarity": "cosine", "weights": "exp(sim/T)",
         "temperature": cfg.knn.temperature, "ks": cfg.knn.ks, "layers": cfg.features.layers,

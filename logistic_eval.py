@@ -29,13 +29,20 @@ from ijepa_toolkit.eval.features import EvalDataSection, FeaturesSection
 from ijepa_toolkit.eval.frozen import (
     check_same_classes,
     finish_run,
+    require,
     run_cli,
     split_features,
     start_run,
     subset_indices,
 )
 from ijepa_toolkit.eval.knn import topk_accuracy
-from ijepa_toolkit.eval.logistic import class_scores, fit_logistic, standardize, sweep_lambda
+from ijepa_toolkit.eval.logistic import (
+    SOLVERS,
+    class_scores,
+    fit_logistic,
+    standardize,
+    sweep_lambda,
+)
 
 
 @dataclass
@@ -61,6 +68,13 @@ class LogisticConfig:
 def run(cfg: LogisticConfig) -> None:
     lambds = cfg.logistic.lambd if isinstance(cfg.logistic.lambd, list) else [cfg.logistic.lambd]
     lg = cfg.logistic
+    require([
+        ("logistic.lambd", lg.lambd, bool(lambds) and min(lambds) > 0, "> 0 (or a list of such)"),
+        ("logistic.solver", lg.solver, lg.solver in SOLVERS, f"one of {SOLVERS}"),
+        ("logistic.held_out_fraction", lg.held_out_fraction, 0 < lg.held_out_fraction < 1,
+         "between 0 and 1"),
+        ("logistic.max_iter", lg.max_iter, lg.max_iter >= 1, ">= 1"),
+    ])  # fmt: skip
     settings = {
         "standardize": "train-subset mean/std, both splits", "loss": "multiclass-logistic",
         "penalty": "l2", "intercept": False, "lambda_1": "lambd / n_train", "lambd": lambds,

@@ -34,6 +34,7 @@ from ijepa_toolkit.eval.features import LAYERS, EvalDataSection, FeaturesSection
 from ijepa_toolkit.eval.frozen import (
     check_same_classes,
     finish_run,
+    require,
     run_cli,
     split_features,
     start_run,
@@ -153,12 +154,19 @@ def run(cfg: LinprobeConfig, resume: bool = False) -> None:
             "online": "online: RandomResizedCrop + flip each step"}  # fmt: skip
     if lp.mode not in mode:
         raise ValueError(f"linprobe.mode must be one of {list(mode)}, got {lp.mode!r}")
-    for key, value, allowed in (("optimizer", opt.optimizer, OPTIMIZERS),
-                                ("schedule", opt.schedule, SCHEDULES)):  # fmt: skip
-        if value not in allowed:  # checked before hours of feature extraction, not after
-            raise ValueError(f"optimization.{key} must be one of {allowed}, got {value!r}")
-    if not opt.base_lrs or not opt.weight_decays:
-        raise ValueError("optimization.base_lrs and optimization.weight_decays need >= 1 value")
+    require([
+        ("optimization.optimizer", opt.optimizer, opt.optimizer in OPTIMIZERS,
+         f"one of {OPTIMIZERS}"),
+        ("optimization.schedule", opt.schedule, opt.schedule in SCHEDULES, f"one of {SCHEDULES}"),
+        ("optimization.base_lrs", opt.base_lrs, bool(opt.base_lrs) and min(opt.base_lrs) > 0,
+         "a non-empty list of values > 0"),
+        ("optimization.weight_decays", opt.weight_decays,
+         bool(opt.weight_decays) and min(opt.weight_decays) >= 0,
+         "a non-empty list of values >= 0"),
+        ("optimization.epochs", opt.epochs, opt.epochs >= 1, ">= 1"),
+        ("linprobe.held_out_fraction", lp.held_out_fraction, 0 < lp.held_out_fraction < 1,
+         "between 0 and 1"),
+    ])  # fmt: skip
     settings = {
         "mode": mode[lp.mode], "head": ("BatchNorm1d(affine=False) + " if lp.batchnorm else "")
         + "Linear", "optimizer": opt.optimizer, "base_lrs": opt.base_lrs,

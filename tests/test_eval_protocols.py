@@ -157,16 +157,27 @@ def test_bad_input_is_one_error_line(setup, tmp_path, capsys):
         assert lines[-1].startswith("error: ")
 
 
-def test_linprobe_rejects_bad_optimizer_settings_before_extracting(setup, tmp_path, capsys):
+@pytest.mark.parametrize("script, key, value", [
+    ("main_linprobe", "optimization.schedule", "linear"),
+    ("main_linprobe", "optimization.optimizer", "adam"),
+    ("main_linprobe", "optimization.weight_decays", "[]"),
+    ("main_linprobe", "linprobe.held_out_fraction", "1.5"),
+    ("knn_eval", "knn.ks", "[0,10]"),
+    ("knn_eval", "knn.temperature", "0"),
+    ("logistic_eval", "logistic.solver", "liblinear"),
+    ("logistic_eval", "logistic.lambd", "[0.1,-1]"),
+    ("logistic_eval", "logistic.held_out_fraction", "0"),
+])  # fmt: skip
+def test_bad_protocol_settings_are_refused_before_extracting(setup, tmp_path, capsys, script,
+                                                             key, value):  # fmt: skip
     root, common = setup
-    bad = {"optimization.schedule": "linear", "optimization.optimizer": "adam",
-           "optimization.weight_decays": "[]"}  # fmt: skip
-    for key, value in bad.items():
-        extra = [f"{key}={value}"]
-        cache = tmp_path / "cache"
-        with pytest.raises(SystemExit) as err:
-            main_linprobe.main([*common, f"logging.folder={tmp_path / 'run'}",
-                                f"features.cache_dir={cache}", *extra])  # fmt: skip
-        assert err.value.code == 2
-        assert key in capsys.readouterr().err.strip().splitlines()[-1]
-        assert not cache.exists()  # failed before any feature was extracted
+    module = {"main_linprobe": main_linprobe, "knn_eval": knn_eval,
+              "logistic_eval": logistic_eval}[script]  # fmt: skip
+    cache = tmp_path / "cache"
+    with pytest.raises(SystemExit) as err:
+        module.main([*common, f"logging.folder={tmp_path / 'run'}",
+                     f"features.cache_dir={cache}", f"{key}={value}"])  # fmt: skip
+    assert err.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {key} must be ")
+    assert not cache.exists()  # refused before any feature was extracted

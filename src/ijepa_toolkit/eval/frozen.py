@@ -20,6 +20,15 @@ from .features import FeatureSet, build_eval_dataset, load_or_extract, model_ide
 logger = logging.getLogger("ijepa_toolkit")
 
 
+def require(checks: Sequence[tuple[str, Any, bool, str]]) -> None:
+    """``(key, value, ok, expected)`` checks of a protocol's settings, run before any feature is
+    extracted; the first failing one is a ``ValueError`` naming the key, the value and what was
+    expected (one ``error:`` line through ``run_cli``)."""
+    for key, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{key} must be {expected}, got {value!r}")
+
+
 def start_run(cfg: Any, protocol: str, settings: dict) -> DistInfo:
     """Process group, console logging, resolved ``config.yaml``; logs the protocol settings."""
     dist_info = init_distributed(cfg.meta.device)

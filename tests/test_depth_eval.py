@@ -126,3 +126,9 @@ def test_bad_input_is_one_error_line(scenes, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--fname", CONFIG, "data.crop_size=[40]", f"logging.folder={tmp_path / 'r'}"])
     assert "error: data.crop_size=[40]: expected [height, width]" in capsys.readouterr().err
+    for key, value in (("eval.crop", "garg"), ("loss.silog_lambda", "2"), ("eval.batch_size", "0")):
+        with pytest.raises(SystemExit):  # refused before training, not at the evaluation after
+            main(["--fname", CONFIG, f"data.root={scenes}", f"{key}={value}",
+                  f"logging.folder={tmp_path / 'early'}"])  # fmt: skip
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {key} must be")
+        assert not (tmp_path / "early" / "log.jsonl").exists()

@@ -40,7 +40,8 @@ from ..engine.logger import RunLogger, setup_console_logging, write_results
 from ..engine.resume import LAST, load_training_state, save_training_state
 from ..engine.utils import autocast, progress, seed_everything
 from ..models.depth_head import DepthHead, dense_features, resolve_blocks
-from .depth_metrics import EIGEN_CROP, EIGEN_SIZE, DepthMetricMeter, crop_box, valid_mask
+from .depth_metrics import CROPS, EIGEN_CROP, EIGEN_SIZE, DepthMetricMeter, crop_box, valid_mask
+from .frozen import require
 
 logger = logging.getLogger("ijepa_toolkit")
 
@@ -313,9 +314,17 @@ def run(cfg: DepthConfig, resume: bool = False) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("error: depth_eval.py runs in one process; start it with python")
     setup_console_logging()
-    d, o = cfg.data, cfg.optimization
+    d, o, ev = cfg.data, cfg.optimization, cfg.eval
     if len(d.crop_size) != 2 or min(d.crop_size) < 1:
         raise ConfigError(f"data.crop_size={d.crop_size}: expected [height, width] in pixels")
+    require([  # before the encoder is built and trained, not at the evaluation after training
+        ("eval.crop", ev.crop, ev.crop in CROPS, f"one of {CROPS}"),
+        ("eval.batch_size", ev.batch_size, ev.batch_size >= 1, ">= 1"),
+        ("optimization.batch_size", o.batch_size, o.batch_size >= 1, ">= 1"),
+        ("optimization.epochs", o.epochs, o.epochs >= 0, ">= 0 (0: evaluate the untrained head)"),
+        ("loss.silog_lambda", cfg.loss.silog_lambda, 0 <= cfg.loss.silog_lambda <= 1,
+         "between 0 and 1 (the scale-invariant log loss)"),
+    ])  # fmt: skip
     seed_everything(cfg.meta.seed)
     device = resolve_device(cfg.meta.device)
     out = Path(cfg.logging.folder)

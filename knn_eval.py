@@ -19,12 +19,12 @@ from ijepa_toolkit.config import (
     MetaSection,
     config_parser,
     parse_config,
+    require,
 )
 from ijepa_toolkit.eval.features import EvalDataSection, FeaturesSection
 from ijepa_toolkit.eval.frozen import (
     check_same_classes,
     finish_run,
-    require,
     run_cli,
     split_features,
     start_run,

@@ -25,6 +25,7 @@ from ijepa_toolkit.config import (
     MetaSection,
     config_parser,
     parse_config,
+    require,
 )
 from ijepa_toolkit.data.folder import SafeImageFolder, collate_skip_none
 from ijepa_toolkit.engine.logger import RunLogger
@@ -34,7 +35,6 @@ from ijepa_toolkit.eval.features import LAYERS, EvalDataSection, FeaturesSection
 from ijepa_toolkit.eval.frozen import (
     check_same_classes,
     finish_run,
-    require,
     run_cli,
     split_features,
     start_run,

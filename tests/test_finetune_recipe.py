@@ -115,6 +115,16 @@ def test_odd_batch_with_mixing_is_refused_up_front(capsys):
     assert len(err) == 1 and "data.batch_size=15 is odd" in err[0] and "Mixup" in err[0]
 
 
+@pytest.mark.parametrize("key, value", [("mixup.mode", "pixel"), ("optimization.layer_decay", "0"),
+                                        ("finetune.drop_path", "1.2")])  # fmt: skip
+def test_bad_recipe_values_are_refused_up_front(key, value, capsys):
+    with pytest.raises(SystemExit) as e:  # mixup off: a bad mode would otherwise pass silently
+        main(["--fname", TINY, f"{key}={value}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {key} must be ")
+
+
 def test_concat4_classifier_from_config_matches_direct_computation():
     cfg = FinetuneConfig()
     cfg.model.checkpoint, cfg.model.num_heads = FIXTURE, 4

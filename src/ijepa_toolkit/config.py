@@ -28,6 +28,15 @@ class ConfigError(ValueError):
     """A config that does not match its schema; the message names the key."""
 
 
+def require(checks: Sequence[tuple[str, Any, bool, str]]) -> None:
+    """``(key, value, ok, expected)`` checks of config values, run before any expensive work
+    (feature extraction, training); the first failing one is a ``ConfigError`` naming the key,
+    the value and what was expected."""
+    for key, value, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{key} must be {expected}, got {value!r}")
+
+
 def read_yaml(path: Union[str, Path]) -> dict:
     """A YAML mapping from ``path``, read with ``yaml.safe_load``."""
     path = Path(path)

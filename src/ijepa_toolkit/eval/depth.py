@@ -31,6 +31,7 @@ from ..config import (
     MetaSection,
     config_parser,
     parse_config,
+    require,
     save_config,
     to_dict,
 )
@@ -41,7 +42,6 @@ from ..engine.resume import LAST, load_training_state, save_training_state
 from ..engine.utils import autocast, progress, seed_everything
 from ..models.depth_head import DepthHead, dense_features, resolve_blocks
 from .depth_metrics import CROPS, EIGEN_CROP, EIGEN_SIZE, DepthMetricMeter, crop_box, valid_mask
-from .frozen import require
 
 logger = logging.getLogger("ijepa_toolkit")
 

@@ -10,7 +10,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..build import build_encoder
-from ..config import ConfigError, save_config
+from ..config import save_config
 from ..data.folder import SafeImageFolder
 from ..data.subsets import SubsetSection, subset_of
 from ..engine.distributed import DistInfo, cleanup, init_distributed
@@ -18,15 +18,6 @@ from ..engine.logger import RunLogger, setup_console_logging, write_results
 from .features import FeatureSet, build_eval_dataset, load_or_extract, model_identity
 
 logger = logging.getLogger("ijepa_toolkit")
-
-
-def require(checks: Sequence[tuple[str, Any, bool, str]]) -> None:
-    """``(key, value, ok, expected)`` checks of a protocol's settings, run before any feature is
-    extracted; the first failing one is a ``ConfigError`` naming the key, the value and what was
-    expected (one ``error:`` line through ``run_cli``)."""
-    for key, value, ok, expected in checks:
-        if not ok:
-            raise ConfigError(f"{key} must be {expected}, got {value!r}")
 
 
 def start_run(cfg: Any, protocol: str, settings: dict) -> DistInfo:

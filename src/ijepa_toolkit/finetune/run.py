@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from ..config import ConfigError, config_parser, parse_config, save_config, to_dict
+from ..config import ConfigError, config_parser, parse_config, require, save_config, to_dict
 from ..data.digits import build_digits_imagefolder
 from ..data.folder import SafeImageFolder, collate_skip_none
 from ..data.sampler import ShardSampler
@@ -33,6 +33,7 @@ from .engine import StepOptions, TrainState, evaluate, train_one_epoch
 
 logger = logging.getLogger("ijepa_toolkit")
 BEST = "checkpoint-best.pth"
+MIXUP_MODES = ("batch", "pair", "elem")
 
 
 def check_config(cfg: FinetuneConfig) -> None:
@@ -51,6 +52,14 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ConfigError("set data.train_root and data.val_root (ImageFolder roots)")
     if ft.pool not in POOLS:
         raise ConfigError(f"finetune.pool = {ft.pool!r}: expected one of {list(POOLS)}")
+    m = cfg.mixup
+    require([
+        ("mixup.mode", m.mode, m.mode in MIXUP_MODES, f"one of {MIXUP_MODES} (timm Mixup)"),
+        ("mixup.smoothing", m.smoothing, 0 <= m.smoothing < 1, "in [0, 1)"),
+        ("optimization.layer_decay", o.layer_decay, 0 < o.layer_decay <= 1, "in (0, 1]"),
+        ("optimization.epochs", o.epochs, o.epochs >= 1, ">= 1"),
+        ("finetune.drop_path", ft.drop_path, 0 <= ft.drop_path < 1, "in [0, 1)"),
+    ])  # fmt: skip
 
 
 def _roots(cfg: FinetuneConfig, dist: DistInfo) -> tuple[Path, Path]:

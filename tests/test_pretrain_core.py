@@ -11,7 +11,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from ijepa_toolkit import load_encoder, save_checkpoint
-from ijepa_toolkit.config import load_config
+from ijepa_toolkit.config import ConfigError, load_config
 from ijepa_toolkit.export import timm_spec
 from ijepa_toolkit.masks.multiblock import MultiBlockMaskSampler
 from ijepa_toolkit.models.norms import DynTanh
@@ -20,7 +20,7 @@ from ijepa_toolkit.models.vit import EncoderArch, create_encoder
 from ijepa_toolkit.pretrain.model import ema_update_, encoder_arch, prediction_loss, targets_at
 from ijepa_toolkit.pretrain.schedules import Schedules, cosine_wd, ema_momentum, warmup_cosine_lr
 from ijepa_toolkit.pretrain.targets import TargetNorm
-from ijepa_toolkit.pretrain.train import PretrainConfig, param_groups
+from ijepa_toolkit.pretrain.train import PretrainConfig, check_values, param_groups
 
 
 def test_lr_schedule_start_warmup_end_and_middle_of_cosine():
@@ -194,6 +194,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "pretrain").
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_pretrain_configs_parse_and_describe_a_model(path):
     cfg = load_config(PretrainConfig, path)
+    check_values(cfg)
     arch = encoder_arch(cfg.model, cfg.data.crop_size)
     grid = cfg.data.crop_size // arch.patch_size
     enc, pred = MultiBlockMaskSampler((grid, grid), cfg.mask).sample(2, 0)
@@ -209,3 +210,13 @@ def test_named_sizes_are_the_official_ones():
     assert giant.mlp_ratio == pytest.approx(48 / 11)
     huge = encoder_arch(ModelSection(model_name="vit_huge", patch_size=14), 224)
     assert (huge.embed_dim, huge.depth, huge.num_heads, huge.img_size) == (1280, 32, 16, 224)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("mask.num_pred_masks", "0"), ("mask.pred_mask_scale", "[0.5, 0.2]"),
+    ("optimization.ema", "[1.1, 1.0]"), ("model.stop_sigma", "-1"),
+])  # fmt: skip
+def test_bad_pretraining_values_are_config_errors_naming_the_key(key, value):
+    cfg = load_config(PretrainConfig, CONFIGS[0], [f"{key}={value}"])
+    with pytest.raises(ConfigError, match=rf"^{key} must be "):
+        check_values(cfg)

@@ -21,13 +21,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from ..config import ConfigError, LoggingSection, MetaSection, save_config, to_dict
+from ..config import ConfigError, LoggingSection, MetaSection, require, save_config, to_dict
 from ..data.folder import SafeImageFolder, collate_skip_none
 from ..engine.distributed import DistInfo, all_gather_cat, all_reduce_sum, barrier
 from ..engine.logger import RunLogger, write_results
@@ -124,6 +124,31 @@ def param_groups(encoder: torch.nn.Module, predictor: torch.nn.Module) -> list[d
     return groups
 
 
+def _interval(pair: Sequence[float], lo: float, hi: float) -> bool:
+    """``pair`` is ``[a, b]`` with ``lo <= a <= b <= hi``."""
+    return len(pair) == 2 and lo <= pair[0] <= pair[1] <= hi
+
+
+def check_values(cfg: PretrainConfig) -> None:
+    """Values that would fail deep inside a step, or train something else than asked, silently."""
+    mk, o, m = cfg.mask, cfg.optimization, cfg.model
+    require([
+        ("mask.num_pred_masks", mk.num_pred_masks, mk.num_pred_masks >= 1, ">= 1"),
+        ("mask.num_enc_masks", mk.num_enc_masks, mk.num_enc_masks >= 1, ">= 1"),
+        ("mask.pred_mask_scale", mk.pred_mask_scale, _interval(mk.pred_mask_scale, 0, 1),
+         "[min, max] with 0 <= min <= max <= 1"),
+        ("mask.enc_mask_scale", mk.enc_mask_scale, _interval(mk.enc_mask_scale, 0, 1),
+         "[min, max] with 0 <= min <= max <= 1"),
+        ("mask.aspect_ratio", mk.aspect_ratio, _interval(mk.aspect_ratio, 1e-6, math.inf),
+         "[min, max] with 0 < min <= max"),
+        ("optimization.ema", o.ema, _interval(o.ema, 0, 1),
+         "[start, end] with 0 <= start <= end <= 1"),
+        ("optimization.epochs", o.epochs, o.epochs >= 1, ">= 1"),
+        ("data.batch_size", cfg.data.batch_size, cfg.data.batch_size >= 1, ">= 1"),
+        ("model.stop_sigma", m.stop_sigma, m.stop_sigma >= 0, ">= 0"),
+    ])  # fmt: skip
+
+
 def _prefixed(module: torch.nn.Module) -> dict:
     return {f"module.{k}": v for k, v in module.state_dict().items()}
 
@@ -137,6 +162,7 @@ class Pretrainer:
 
     def __init__(self, cfg: PretrainConfig, dist_info: DistInfo):
         self.cfg, self.dist = cfg, dist_info
+        check_values(cfg)
         if cfg.mask.group_size and cfg.data.batch_size % cfg.mask.group_size:
             raise ConfigError(
                 f"mask.group_size={cfg.mask.group_size} must divide "

@@ -39,27 +39,25 @@ MIXUP_MODES = ("batch", "pair", "elem")
 def check_config(cfg: FinetuneConfig) -> None:
     """Refuse settings that would fail late or silently; each error names the key."""
     d, o, ft = cfg.data, cfg.optimization, cfg.finetune
-    if recipe.mixup_active(cfg.mixup) and d.batch_size % 2:
-        raise ConfigError(
-            f"data.batch_size={d.batch_size} is odd, but Mixup/CutMix pair images within each "
-            "per-device batch: use an even batch size or set mixup.mixup=0 mixup.cutmix=0"
-        )
-    if d.batch_size < 1 or o.accum_iter < 1:
-        raise ConfigError("data.batch_size and optimization.accum_iter must be >= 1")
-    if d.on_error not in ("skip", "raise"):
-        raise ConfigError(f"data.on_error = {d.on_error!r}: expected 'skip' or 'raise'")
     if not d.digits_root and not (d.train_root and d.val_root):
         raise ConfigError("set data.train_root and data.val_root (ImageFolder roots)")
-    if ft.pool not in POOLS:
-        raise ConfigError(f"finetune.pool = {ft.pool!r}: expected one of {list(POOLS)}")
     m = cfg.mixup
     require([
+        ("data.batch_size", d.batch_size, d.batch_size >= 1, ">= 1"),
+        ("optimization.accum_iter", o.accum_iter, o.accum_iter >= 1, ">= 1"),
+        ("data.on_error", d.on_error, d.on_error in ("skip", "raise"), "'skip' or 'raise'"),
+        ("finetune.pool", ft.pool, ft.pool in POOLS, f"one of {tuple(POOLS)}"),
         ("mixup.mode", m.mode, m.mode in MIXUP_MODES, f"one of {MIXUP_MODES} (timm Mixup)"),
         ("mixup.smoothing", m.smoothing, 0 <= m.smoothing < 1, "in [0, 1)"),
         ("optimization.layer_decay", o.layer_decay, 0 < o.layer_decay <= 1, "in (0, 1]"),
         ("optimization.epochs", o.epochs, o.epochs >= 1, ">= 1"),
         ("finetune.drop_path", ft.drop_path, 0 <= ft.drop_path < 1, "in [0, 1)"),
     ])  # fmt: skip
+    if recipe.mixup_active(cfg.mixup) and d.batch_size % 2:
+        raise ConfigError(
+            f"data.batch_size={d.batch_size} is odd, but Mixup/CutMix pair images within each "
+            "per-device batch: use an even batch size or set mixup.mixup=0 mixup.cutmix=0"
+        )
 
 
 def _roots(cfg: FinetuneConfig, dist: DistInfo) -> tuple[Path, Path]:

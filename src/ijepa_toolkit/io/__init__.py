@@ -1,0 +1,1 @@
+"""Bottom-layer file handling: safe reading of checkpoints and atomic writes."""

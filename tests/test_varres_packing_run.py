@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from _tiny_pretrain import assert_same_state, finish, killed_and_resumed, launch, tiny_overrides
 
-from ijepa_toolkit.checkpoint import read_checkpoint
 from ijepa_toolkit.data.digits import build_digits_imagefolder
 from ijepa_toolkit.data.folder import SafeImageFolder
 from ijepa_toolkit.engine.logger import read_jsonl
+from ijepa_toolkit.io.read import read_checkpoint
 from ijepa_toolkit.pretrain.data import GlobalBatchSampler
 
 PACKING = {"packing.enabled": True, "packing.min_side": 16, "packing.max_side": 32,

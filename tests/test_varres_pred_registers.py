@@ -10,7 +10,7 @@ import pytest
 import torch
 from _tiny_pretrain import CONFIG, tiny_overrides
 
-from ijepa_toolkit.checkpoint import load_predictor
+from ijepa_toolkit import load_predictor
 from ijepa_toolkit.config import ConfigError, load_config
 from ijepa_toolkit.data.digits import build_digits_imagefolder
 from ijepa_toolkit.engine.distributed import DistInfo

@@ -65,7 +65,8 @@ def test_pretrain_with_token_drop_repeats_the_predictor_batch(digits, tmp_path):
     row = trainer.train_step(next(iter(trainer.loader))[0])
     assert row["loss"] > 0 and row["grad_norm"] > 0
     with pytest.raises(ConfigError, match="pred_replacement"):
-        _trainer(digits, tmp_path / "bad", **{"model.pred_capacity": 0.5, "model.pred_repeats": 4})
+        _trainer(digits, tmp_path / "bad", **{"model.pred_capacity": 0.5, "model.pred_repeats": 4,
+                                              "model.pred_replacement": False})  # fmt: skip
 
 
 def test_packed_variable_resolution_pretraining_lowers_the_loss(digits, tmp_path):
@@ -100,7 +101,7 @@ def test_packed_pretraining_with_tome_steps(digits, tmp_path):
 def test_pretraining_with_diffmoe_adds_the_capacity_loss(digits, tmp_path):
     extra = {"model.moe_experts": 2, "logging.knn_freq": 0}
     trainer = _trainer(digits, tmp_path, **extra)
-    predictor = trainer.encoder.blocks[0].mlp.capacity_predictor.weight
+    predictor = trainer.encoder.blocks[0].mlp.capacity_predictor[2].weight
     before = predictor.detach().clone()
     row = trainer.train_step(next(iter(trainer.loader))[0])
     assert math.isfinite(row["loss"])

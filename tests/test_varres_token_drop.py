@@ -1,14 +1,22 @@
-"""Predictor token dropping with batch repeat: fractions, disjointness, the plain-step limit."""
+"""Predictor token dropping with batch repeat: fractions, disjointness, the plain-step limit,
+and the featurenorm seed's own draws (tests/fixtures/featurenorm)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from _featurenorm import load
 
+from ijepa_toolkit.errors import ConfigError
 from ijepa_toolkit.models.predictor import IJEPAPredictor, PredictorArch
 from ijepa_toolkit.models.vit import EncoderArch, create_encoder
 from ijepa_toolkit.pretrain.model import ContextPath, targets_at
-from ijepa_toolkit.pretrain.token_drop import sample_token_drop, select_context
+from ijepa_toolkit.pretrain.token_drop import (
+    kept_count,
+    sample_token_drop,
+    sample_units,
+    select_context,
+)
 
 
 def _masks(b: int, k: int, n: int = 64, seed: int = 0) -> torch.Tensor:
@@ -70,3 +78,39 @@ def test_full_capacity_single_copy_is_the_plain_step():
     with torch.no_grad():
         assert torch.allclose(path(images, enc, tgt, drop), path(images, enc, tgt), atol=1e-6)
     assert torch.equal(targets_at(tokens, drop.masks_pred, 1), targets_at(tokens, tgt, 1))
+
+
+def _sets(idx: torch.Tensor) -> list:
+    return [sorted(row.tolist()) for row in idx]
+
+
+@pytest.mark.parametrize(
+    "key, seed, repeats, capacity, replacement, masked",
+    [("with_11", 11, 4, 0.25, True, True), ("with_12", 12, 4, 0.25, True, True),
+     ("with_c035", 13, 3, 0.35, True, False), ("without_14", 14, 2, 0.5, False, True)],
+)  # fmt: skip
+def test_draws_equal_featurenorm_random_idx(key, seed, repeats, capacity, replacement, masked):
+    """Same random stream, same windows: ``get_random_idx_with_replacement`` (top-k of
+    ``torch.rand(r, b, s)``, all-padding windows scored -1, ``round`` count: 0.35 x 10 -> 4) and
+    ``get_random_idx_without_replacement`` of src/model.py
+    (theAdamColton/elucidating-featurenorm-ijepa@eb093c217f3b475981c84332245530fd17bc30c3),
+    compared as sets per row (the seed's top-k is unsorted)."""
+    f = load("token_drop")
+    g = torch.Generator().manual_seed(seed)
+    exclude = f["mask"] if masked else None
+    got = sample_units(2, 10, capacity, repeats, replacement, g, exclude)
+    assert _sets(got) == _sets(f[key])
+
+
+def test_count_rounds_and_windows_are_the_units():
+    assert [kept_count(10, c) for c in (0.35, 0.25, 0.05, 0.66)] == [4, 2, 1, 7]
+    grid_w = 4  # a 4x4 grid; the context is the top two 2x2 windows plus the bottom-left one
+    ctx = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13]])
+    drop = sample_token_drop([ctx], [torch.tensor([[10, 11, 14, 15]])], 0.34, 3, window=2,
+                             grid_w=grid_w, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    windows = {(0, 1, 4, 5), (2, 3, 6, 7), (8, 9, 12, 13)}
+    for row in drop.masks_enc[0]:  # one whole window (round(0.34 * 3) = 1) per copy
+        assert tuple(row.tolist()) in windows
+    assert drop.masks_pred[0].tolist() == [[10, 11, 14, 15]] * 3
+    with pytest.raises(ConfigError, match="pred_window=2"):
+        sample_token_drop([torch.tensor([[0, 1, 2, 3]])], [ctx], 0.5, 1, window=2, grid_w=4)

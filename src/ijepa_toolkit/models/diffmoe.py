@@ -1,59 +1,92 @@
-"""DiffMoE MLP (Shi et al., 2025): expert-choice routing over the batch's token pool in training,
-dynamic capacity from a learned capacity predictor at evaluation.
+"""DiffMoE MLP (Shi et al., 2025) as theAdamColton/diffmoe runs it (``diffmoe/diffmoe.py`` at the
+commit elucidating-featurenorm-ijepa pins; docs/diffmoe.md).
 
-Training (``module.train()``): the router scores every token of the batch (all images and
-positions pooled, (T, E) softmax); each expert takes its top ``k = capacity * T / E`` tokens, so
-every expert processes exactly ``k`` tokens and a token may go to 0..E experts; outputs are summed
-weighted by the router score. A capacity predictor (a linear layer on the detached token) learns,
-with binary cross-entropy, which experts chose each token; ``aux_loss`` holds that loss for the
-training step to add.
-
-Evaluation (``module.eval()``): no top-k over the pool (which would make a token's output depend
-on the rest of the batch); token ``t`` goes to expert ``e`` when the capacity predictor's
-probability exceeds ``threshold``, so the number of tokens per expert varies with the input.
-``last_counts`` holds the tokens each expert processed in the latest forward.
+- Gate: ``(tanh(router(x)) + 1) / 2`` per expert, a bias-free linear router (not a softmax).
+- Training (``module.train()``): expert-choice routing over the batch's token pool (all images
+  and positions, (T, E) gate scores); each expert takes its top ``k = int(T * capacity) // E``
+  tokens, so a token may go to 0..E experts; the output is the gate-weighted sum of the experts.
+- Capacity predictor: a 2-layer MLP (``Linear(D, D)``, tanh-GELU, ``Linear(D, E)``) on the
+  detached token learns, with binary cross-entropy, which experts chose each token; ``aux_loss``
+  holds that loss for the training step to add.
+- Eval threshold: per expert, the k-th largest predicted probability of each training batch
+  (averaged over ranks), tracked by a moving average (``beta`` 0.95, initialised by the first
+  batch) in the ``threshold`` buffer. In evaluation token ``t`` goes to expert ``e`` when its
+  predicted probability is ``>= threshold[e]``, so the number of tokens per expert varies with the
+  input and a token's output does not depend on the rest of the batch.
+- Experts are timm ``Mlp``s with the seed's tanh-approximated GELU. The module receives the
+  block's normalised tokens and returns the MLP branch (the timm block adds the residual).
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
+TanhGELU = partial(nn.GELU, approximate="tanh")
+
 
 class DiffMoEMlp(nn.Module):
-    """Drop-in for a timm block's ``mlp``: (B, N, D) -> (B, N, D)."""
+    """Drop-in for a timm block's ``mlp``: (B, N, D) -> (B, N, D).
+
+    ``threshold`` is the eval threshold of every expert until the first training step sets the
+    moving average; ``last_counts`` (E,) the tokens each expert processed in the latest forward.
+    """
 
     def __init__(
         self, dim: int, hidden: int, num_experts: int = 4, capacity: float = 1.0,
-        threshold: float = 0.5,
+        threshold: float = 0.5, beta: float = 0.95,
     ):  # fmt: skip
         super().__init__()
-        self.num_experts, self.capacity = num_experts, capacity
-        self.register_buffer("threshold", torch.tensor(float(threshold)))  # saved: eval routing
+        self.num_experts, self.capacity, self.beta = num_experts, capacity, beta
         self.router = nn.Linear(dim, num_experts, bias=False)
-        self.experts = nn.ModuleList(Mlp(dim, hidden) for _ in range(num_experts))
-        self.capacity_predictor = nn.Linear(dim, num_experts)
+        self.experts = nn.ModuleList(
+            Mlp(dim, hidden, act_layer=TanhGELU) for _ in range(num_experts)
+        )
+        self.capacity_predictor = nn.Sequential(
+            nn.Linear(dim, dim), TanhGELU(), nn.Linear(dim, num_experts)
+        )
+        self.register_buffer("threshold", torch.full((num_experts,), float(threshold)))
+        self.register_buffer("threshold_initialized", torch.zeros((), dtype=torch.bool))
         self.aux_loss = torch.zeros(())
         self.last_counts = torch.zeros(num_experts, dtype=torch.long)
 
+    def gate(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(T, D) -> (T, E) mixing weights in [0, 1]."""
+        return (torch.tanh(self.router(tokens)) + 1) / 2
+
     def route(self, tokens: torch.Tensor) -> torch.Tensor:
         """(T, D) -> (T, E) boolean: which experts process each token (train: top-k per expert)."""
-        if self.training:
-            scores = self.router(tokens)
-            k = max(1, min(len(tokens), int(self.capacity * len(tokens) / self.num_experts)))
-            chosen = torch.zeros_like(scores, dtype=torch.bool)
-            chosen.scatter_(0, scores.topk(k, dim=0).indices, True)
-            logits = self.capacity_predictor(tokens.detach())
-            self.aux_loss = F.binary_cross_entropy_with_logits(logits, chosen.float())
-            return chosen
-        return self.capacity_predictor(tokens).sigmoid() > self.threshold
+        if not self.training:
+            return self.capacity_predictor(tokens).sigmoid() >= self.threshold
+        k = max(1, min(len(tokens), int(len(tokens) * self.capacity) // self.num_experts))
+        chosen = torch.zeros(len(tokens), self.num_experts, dtype=torch.bool, device=tokens.device)
+        chosen.scatter_(0, self.gate(tokens).topk(k, dim=0).indices, True)
+        logits = self.capacity_predictor(tokens.detach())
+        self.aux_loss = F.binary_cross_entropy_with_logits(logits, chosen.to(logits.dtype))
+        self.update_threshold(logits.detach().float().sigmoid().sort(dim=0).values[-k])
+        return chosen
+
+    @torch.no_grad()
+    def update_threshold(self, batch_threshold: torch.Tensor) -> None:
+        """Moving average of the (E,) per-expert thresholds (mean over ranks first)."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_threshold)
+            batch_threshold = batch_threshold / dist.get_world_size()
+        if not bool(self.threshold_initialized):
+            self.threshold.copy_(batch_threshold)
+            self.threshold_initialized.fill_(True)
+        else:
+            self.threshold.lerp_(batch_threshold.to(self.threshold.dtype), 1.0 - self.beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
         chosen = self.route(tokens)
-        weights = self.router(tokens).softmax(dim=-1)
+        weights = self.gate(tokens)
         out = torch.zeros_like(tokens)
         for e, expert in enumerate(self.experts):
             idx = chosen[:, e].nonzero().squeeze(1)
@@ -64,6 +97,7 @@ class DiffMoEMlp(nn.Module):
 
 
 def moe_aux_loss(module: nn.Module) -> torch.Tensor:
-    """Sum of the capacity-predictor BCE losses of the DiffMoE MLPs in ``module`` (0 if none)."""
+    """Mean over the DiffMoE MLPs in ``module`` of their capacity-predictor BCE (0 if none), as
+    the seed's encoder averages it over its blocks."""
     losses = [m.aux_loss for m in module.modules() if isinstance(m, DiffMoEMlp)]
-    return torch.stack(losses).sum() if losses else torch.zeros(())
+    return torch.stack(losses).mean() if losses else torch.zeros(())

@@ -1,13 +1,21 @@
 """ToMe token merging (Bolya et al., 2023) for the encoder blocks, packed-row aware.
 
-In each block with merge rate ``r > 0``, after the attention residual, the tokens are split into
-two alternating sets A (even positions) and B (odd); every A token is scored against every B token
-by the cosine similarity of their attention keys, and the ``r`` best-matched A tokens are merged
-into their B partner (size-weighted mean). Scores between tokens of different images are
-``-inf``, so merges never cross images; padding-to-padding pairs score above any real pair, so
-padding merges first. After the last block the merges are undone in reverse order (each merged
-token is copied back to every position it absorbed), giving the input's (B, N, D) shape for the
-loss or the pooling. The key metric is the full (all-heads) key vector of the block's ``qkv``.
+As the seeds run it (elucidating-featurenorm-ijepa ``src/tome.py`` + ``src/model.py``;
+ijepa-enhanced ``ijepa_enhanced/tome/tome.py`` + ``vit.py``; see docs/tome.md):
+
+- the similarity metric is the block's attention keys as the attention uses them (after the
+  q/k norm and RoPE, when there are any), **averaged over heads**: (B, N, head_dim);
+- tokens are split into alternating sets A (even positions) and B (odd); each A token is scored
+  against every B token by cosine similarity; the ``r`` best-matched A tokens merge into their B
+  partner by an **unweighted** mean (``scatter_reduce(..., "mean")`` over the B token and the A
+  tokens it receives, whatever they absorbed before) or, in ``drop`` mode, are discarded;
+- scores between different images are ``finfo.min`` and padding-to-padding pairs ``finfo.max``,
+  so merges never cross images and padding merges first;
+- ``placement``: ``block`` merges after the whole block (featurenorm), ``attention`` after the
+  attention residual, before the MLP (ijepa-enhanced);
+- integer positions (RoPE) merge by the mean truncated to an integer, and RoPE is recomputed;
+- after the final norm the merges are undone (each merged token is copied back to every position
+  it absorbed), giving the input's (B, N, D) shape.
 """
 
 from __future__ import annotations
@@ -17,7 +25,16 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+
 PAD = -1
+MERGE_MODES = ("mean", "drop")
+PLACEMENTS = ("block", "attention")
+
+
+def _expand(index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, K) index -> (B, K, *x.shape[2:]) for gather/scatter along dim 1 of ``x``."""
+    return index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
 
 
 def bipartite_soft_matching(
@@ -25,81 +42,105 @@ def bipartite_soft_matching(
 ) -> tuple[Callable, Callable, torch.Tensor]:
     """Plan ``r`` merges per row of (B, N, C) ``metric``; ``ids`` (B, N) image ids (-1 padding).
 
-    Returns ``merge`` ((B, N, D) -> (B, N - r, D), size-weighted when given sizes), ``unmerge``
-    ((B, N - r, D) -> (B, N, D)) and the (B, N - r) ids of the merged tokens.
+    Returns ``merge(x, mode="mean")`` ((B, N, ...) -> (B, N - r, ...); ``mode`` ``mean`` or
+    ``drop``), ``unmerge`` ((B, N - r, ...) -> (B, N, ...)) and the (B, N - r) merged ids.
+    Raises ``UserError`` when a row has fewer than ``r`` same-image pairs to merge.
     """
     n = metric.shape[1]
     r = min(r, n // 2)
     m = F.normalize(metric.float(), dim=-1)
-    a, b = m[:, ::2], m[:, 1::2]
-    scores = a @ b.transpose(-1, -2)  # (B, Na, Nb) in [-1, 1]
+    scores = m[:, ::2] @ m[:, 1::2].transpose(-1, -2)  # (B, Na, Nb) in [-1, 1]
     if ids is None:
         ids = torch.zeros(metric.shape[:2], dtype=torch.long, device=metric.device)
     ia, ib = ids[:, ::2, None], ids[:, None, 1::2]
-    scores = scores.masked_fill(ia != ib, float("-inf"))
-    scores = scores.masked_fill((ia == PAD) & (ib == PAD), 2.0)  # padding merges first
+    low, high = torch.finfo(scores.dtype).min, torch.finfo(scores.dtype).max
+    scores = scores.masked_fill(ia != ib, low).masked_fill((ia == PAD) & (ib == PAD), high)
     node_max, node_idx = scores.max(dim=-1)  # best B partner of each A token
-    order = node_max.argsort(dim=-1, descending=True)[..., None]
+    order = node_max.argsort(dim=-1, descending=True)
     unm_idx, src_idx = order[:, r:], order[:, :r]  # A tokens kept / merged away
-    dst_idx = node_idx[..., None].gather(1, src_idx)
-    if r and not bool(torch.isfinite(node_max.gather(1, src_idx[..., 0])).all()):
-        raise ValueError(f"merge rate {r} is more than the same-image pairs available")
+    dst_idx = node_idx.gather(1, src_idx)
+    if r and bool((node_max.gather(1, src_idx) == low).any()):
+        raise UserError(f"ToMe merge rate {r} is more than the same-image pairs available")
 
-    def merge(x: torch.Tensor) -> torch.Tensor:
+    def merge(x: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+        if mode not in MERGE_MODES:
+            raise UserError(f"ToMe merge mode must be one of {MERGE_MODES}, got {mode!r}")
         xa, xb = x[:, ::2], x[:, 1::2]
-        d = x.shape[-1]
-        unm = xa.gather(1, unm_idx.expand(-1, -1, d))
-        src = xa.gather(1, src_idx.expand(-1, -1, d))
-        xb = xb.scatter_reduce(1, dst_idx.expand(-1, -1, d), src, reduce="sum")
-        return torch.cat([unm, xb], dim=1)
+        unm = xa.gather(1, _expand(unm_idx, xa))
+        if mode == "mean":
+            src = xa.gather(1, _expand(src_idx, xa)).float()
+            xb = xb.float().scatter_reduce(1, _expand(dst_idx, xb), src, reduce="mean")
+        return torch.cat([unm, xb.to(x.dtype)], dim=1)
 
     def unmerge(x: torch.Tensor) -> torch.Tensor:
-        d = x.shape[-1]
         n_unm = unm_idx.shape[1]
         unm, xb = x[:, :n_unm], x[:, n_unm:]
-        src = xb.gather(1, dst_idx.expand(-1, -1, d))
-        out = x.new_zeros(x.shape[0], n, d)
+        out = x.new_zeros(x.shape[0], n, *x.shape[2:])
         out[:, 1::2] = xb
-        out[:, ::2] = out[:, ::2].scatter(1, unm_idx.expand(-1, -1, d), unm)
-        out[:, ::2] = out[:, ::2].scatter(1, src_idx.expand(-1, -1, d), src)
+        even = out[:, ::2].scatter(1, _expand(unm_idx, unm), unm)
+        out[:, ::2] = even.scatter(1, _expand(src_idx, unm), xb.gather(1, _expand(dst_idx, xb)))
         return out
 
-    new_ids = torch.cat([ids[:, ::2].gather(1, unm_idx[..., 0]), ids[:, 1::2]], dim=1)
+    new_ids = torch.cat([ids[:, ::2].gather(1, unm_idx), ids[:, 1::2]], dim=1)
     return merge, unmerge, new_ids
 
 
-def merge_weighted(merge: Callable, x: torch.Tensor, size: torch.Tensor):
-    """Size-weighted merge of (B, N, D) tokens with (B, N, 1) sizes -> merged tokens, sizes."""
-    summed = merge(x * size)
-    new_size = merge(size)
-    return summed / new_size, new_size
+def attention_keys(attn, h: torch.Tensor) -> torch.Tensor:
+    """The keys a timm ``Attention`` (or ``RopeAttention``) computes from (B, N, D) ``h``, after
+    its ``k_norm`` and RoPE, averaged over heads: (B, N, head_dim)."""
+    b, n, _ = h.shape
+    qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim)
+    k = attn.k_norm(qkv[:, :, 1].transpose(1, 2))  # (B, H, N, hd)
+    rope = getattr(attn, "_rope", [None])[0]
+    if rope is not None:
+        angles = rope.angles(rope.pos.to(k.dtype))
+        start = n - angles.shape[2]  # register tokens are not rotated
+        k = torch.cat([k[:, :, :start], rope.rotate(k[:, :, start:], angles)], dim=2)
+    return k.mean(dim=1)
 
 
 def tome_blocks(
     blocks, x: torch.Tensor, rates: list, ids: Optional[torch.Tensor] = None,
-    attn_mask_fn: Optional[Callable] = None,
+    attn_mask_fn: Optional[Callable] = None, placement: str = "attention", mode: str = "mean",
+    rope=None, norm: Optional[Callable] = None,
 ) -> torch.Tensor:  # fmt: skip
-    """Run timm ``blocks`` on (B, N, D) tokens merging ``rates[i]`` tokens after block i's
-    attention; returns (B, N, D) unmerged outputs. ``attn_mask_fn(ids)`` gives the attention mask
-    for the current tokens (packed rows), else none."""
+    """Run timm ``blocks`` on (B, N, D) tokens merging ``rates[i]`` tokens in block i (after the
+    attention or after the whole block, see ``placement``); ``norm`` (default none) is applied to
+    the merged tokens, then the merges are undone: returns (B, N, D).
+
+    ``ids`` (B, N) image ids (-1 padding); ``attn_mask_fn(ids)`` gives the attention mask of the
+    current tokens (packed rows). With ``rope`` (a ``Rope2D`` whose ``pos`` holds the (B, N, 2)
+    positions) the positions are merged too and RoPE follows the merged tokens.
+    """
     if len(rates) != len(blocks):
-        raise ValueError(f"model.tome_rates has {len(rates)} entries for {len(blocks)} blocks")
-    size = x.new_ones(x.shape[0], x.shape[1], 1)
+        raise UserError(f"model.tome_rates has {len(rates)} entries for {len(blocks)} blocks")
+    if placement not in PLACEMENTS:
+        raise UserError(f"model.tome_placement must be one of {PLACEMENTS}, got {placement!r}")
+    pos = rope.pos.round().long() if rope is not None else None
     undo = []
+
+    def step(x, keys, r):
+        nonlocal ids, pos
+        merge, unmerge, new_ids = bipartite_soft_matching(keys, r, ids)
+        undo.append(unmerge)
+        ids = new_ids if ids is not None else None
+        if pos is not None:
+            pos = merge(pos)
+            rope.pos = pos.float()
+        return merge(x, mode)
+
     for block, r in zip(blocks, rates):
         mask = attn_mask_fn(ids) if attn_mask_fn is not None else None
         h = block.norm1(x)
+        keys = attention_keys(block.attn, h) if r > 0 else None
         x = x + block.drop_path1(block.ls1(block.attn(h, attn_mask=mask)))
-        if r > 0:
-            qkv = block.attn.qkv
-            d = x.shape[-1]
-            bias = qkv.bias[d : 2 * d] if qkv.bias is not None else None
-            keys = F.linear(h, qkv.weight[d : 2 * d], bias)
-            merge, unmerge, ids_new = bipartite_soft_matching(keys, r, ids)
-            x, size = merge_weighted(merge, x, size)
-            undo.append(unmerge)
-            ids = ids_new if ids is not None else None
+        if r > 0 and placement == "attention":
+            x = step(x, keys, r)
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        if r > 0 and placement == "block":
+            x = step(x, keys, r)
+    if norm is not None:
+        x = norm(x)
     for unmerge in reversed(undo):
         x = unmerge(x)
     return x

@@ -19,6 +19,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
+from ..masks.block import place_block
 from ..models.pos_embed import sincos_2d
 from ..models.tome import tome_blocks
 
@@ -81,31 +83,26 @@ def resized_shape(h: int, w: int, side: int, unit: int) -> tuple[int, int]:
 def target_block(gh: int, gw: int, scale: float, aspect: float, gen: torch.Generator):
     """Patch indices (row-major) of a random ``scale``-area block and of the rest (context)."""
     if gh * gw < 2:
-        raise ValueError(f"a {gh}x{gw}-patch image has no room for both context and target")
+        raise UserError(f"a {gh}x{gw}-patch image has no room for both context and target")
     area = max(1.0, scale * gh * gw)
     bh = min(gh, max(1, round(math.sqrt(area * aspect))))
     bw = min(gw, max(1, round(math.sqrt(area / aspect))))
     if bh * bw == gh * gw:  # keep at least one context patch
         bh, bw = (bh - 1, bw) if bh > 1 else (bh, bw - 1)
-    top = int(torch.randint(gh - bh + 1, (1,), generator=gen))
-    left = int(torch.randint(gw - bw + 1, (1,), generator=gen))
-    inside = torch.zeros(gh, gw, dtype=torch.bool)
-    inside[top : top + bh, left : left + bw] = True
-    flat = inside.flatten()
-    return flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
+    return place_block((gh, gw), (bh, bw), gen)
 
 
 def first_fit(lengths: list, ctx_budget: int, tgt_budget: int) -> list:
     """Rows of item indices: items, longest first, each go into the first row with room for both
     their ``(ctx, tgt)`` lengths (first-fit decreasing); every item lands in exactly one row.
 
-    Raises ``ValueError`` for an item larger than the budgets (it could never be packed).
+    Raises ``UserError`` for an item larger than the budgets (it could never be packed).
     """
     rows, used = [], []
     for i in sorted(range(len(lengths)), key=lambda i: -sum(lengths[i])):
         c, t = lengths[i]
         if c > ctx_budget or t > tgt_budget:
-            raise ValueError(
+            raise UserError(
                 f"image {i} has {c} context / {t} target tokens, more than the row budgets "
                 f"{ctx_budget} / {tgt_budget}; raise packing.ctx_budget / tgt_budget or lower "
                 "packing.max_side"
@@ -225,27 +222,31 @@ def _positions(tables: list, gsample: torch.Tensor, ids: torch.Tensor, grids: li
     return pos * (gsample != PAD).unsqueeze(-1).to(pos.device, pos.dtype)
 
 
-def encode_packed(encoder, px, ids, gsample, grids, tome_rates: Sequence = ()) -> torch.Tensor:
+def encode_packed(
+    encoder, px, ids, gsample, grids, tome_rates: Sequence = (), tome_placement: str = "attention",
+    tome_mode: str = "mean",
+) -> torch.Tensor:  # fmt: skip
     """Encoder over packed rows: (R, L, C*p*p) pixels -> (R, L, D) tokens after the final norm.
 
     Positions come from ``encoder.pos_embed_for_grid`` at each image's own grid (sin-cos exact,
     learned resampled, factorised, or RoPE on q/k); attention stays within each image.
-    ``tome_rates``: tokens merged per block (ToMe, within images, unmerged before the norm).
+    ``tome_rates``: tokens merged per block (ToMe within images, models/tome.py; merged RoPE
+    positions are averaged); the final norm sees the merged tokens, which are then unmerged.
     """
     if getattr(encoder, "reg_token", None) is not None:
-        raise ValueError("packing with encoder registers is not supported")
+        raise UserError("packing with encoder registers is not supported")
     proj = encoder.patch_embed.proj
     x = F.linear(px.to(proj.weight.dtype), proj.weight.flatten(1), proj.bias)
     tables = [encoder.pos_embed_for_grid(g)[0] for g in grids]
     x = x + _positions(tables, gsample, ids, grids)
-    if getattr(encoder, "rope", None) is not None:
-        encoder.rope.pos = ids[..., 2:].clamp(min=0).float()
+    rope = getattr(encoder, "rope", None)
+    if rope is not None:
+        rope.pos = ids[..., 2:].clamp(min=0).float()
     if any(tome_rates):
-        if getattr(encoder, "rope", None) is not None:
-            raise ValueError("ToMe with RoPE is not supported (merged tokens have no position)")
-        sample = ids[..., 0]
-        x = tome_blocks(encoder.blocks, x, list(tome_rates), sample, _sample_mask)
-        return encoder.norm(x)
+        return tome_blocks(
+            encoder.blocks, x, list(tome_rates), ids[..., 0], _sample_mask, tome_placement,
+            tome_mode, rope, encoder.norm,
+        )  # fmt: skip
     mask = same_image_mask(ids)
     for block in encoder.blocks:
         x = block(x, attn_mask=mask)

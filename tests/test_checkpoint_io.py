@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import stat
+import time
 import zipfile
 from pathlib import Path
 
@@ -12,9 +13,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import ijepa_toolkit.checkpoint as ckpt_mod
-from ijepa_toolkit import CheckpointError, export_encoder, load_encoder, save_checkpoint
-from ijepa_toolkit.checkpoint import inspect_checkpoint, read_checkpoint
+from ijepa_toolkit import (
+    CheckpointError,
+    export_encoder,
+    inspect_checkpoint,
+    load_encoder,
+    save_checkpoint,
+)
+from ijepa_toolkit.io.read import read_checkpoint
+from ijepa_toolkit.io.save import STALE_TEMP_AGE_S
 
 
 @pytest.fixture(scope="module")
@@ -177,15 +184,25 @@ def test_save_checkpoint_writes_and_overwrites(tmp_path):
     save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
     loaded = read_checkpoint(path)
     assert loaded["epoch"] == 2 and torch.equal(loaded["w"], torch.zeros(3))
-    assert sorted(os.listdir(path.parent)) == ["ckpt.pth"]
+    assert sorted(os.listdir(path.parent)) == ["ckpt.pth", "ckpt.pth.sha256"]
 
 
-def test_save_checkpoint_removes_temp_files_of_killed_writes(tmp_path):
+def test_save_checkpoint_removes_only_stale_temp_files(tmp_path):
     path = tmp_path / "ckpt.pth"
-    (tmp_path / ".ckpt.pth.abc123.tmp").write_bytes(b"half a checkpoint")  # a killed write
+    stale = tmp_path / ".ckpt.pth.abc123.tmp"  # a write killed hours ago
+    stale.write_bytes(b"half a checkpoint")
+    old = time.time() - STALE_TEMP_AGE_S - 60
+    os.utime(stale, (old, old))
+    (tmp_path / ".ckpt.pth.live42.tmp").write_bytes(b"a concurrent writer at work")
     (tmp_path / ".other.pth.xyz.tmp").write_bytes(b"another file's write")
+    os.utime(tmp_path / ".other.pth.xyz.tmp", (old, old))
     save_checkpoint({"epoch": 3}, path)
-    assert sorted(os.listdir(tmp_path)) == [".other.pth.xyz.tmp", "ckpt.pth"]
+    assert sorted(os.listdir(tmp_path)) == [
+        ".ckpt.pth.live42.tmp",
+        ".other.pth.xyz.tmp",
+        "ckpt.pth",
+        "ckpt.pth.sha256",
+    ]
     assert read_checkpoint(path)["epoch"] == 3
 
 
@@ -198,13 +215,13 @@ def test_save_checkpoint_failure_keeps_previous_file(tmp_path, monkeypatch):
         f.write(b"partial checkpoint bytes")
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ckpt_mod.torch, "save", crash)
+    monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         save_checkpoint({"epoch": 2}, path)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert read_checkpoint(path)["epoch"] == 1
-    assert os.listdir(tmp_path) == ["ckpt.pth"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pth", "ckpt.pth.sha256"]  # the old pair
 
 
 def test_save_checkpoint_file_mode_follows_umask(tmp_path):

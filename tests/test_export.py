@@ -96,7 +96,8 @@ def test_export_overwrites_and_leaves_no_temp_files(tmp_path, ckpt_path):
     out = tmp_path / "enc.safetensors"
     export_encoder(ckpt_path, out, which="encoder", num_heads=4)
     export_encoder(ckpt_path, out, num_heads=4)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["enc.json", "enc.safetensors"]
+    names = ["enc.json", "enc.safetensors", "enc.safetensors.sha256"]  # sidecar: io/save.py
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["which"] == "target_encoder"
 
@@ -109,3 +110,42 @@ def test_export_errors(tmp_path, ckpt_path):
     with pytest.raises(CheckpointError, match="no such file"):
         export_encoder(tmp_path / "missing.pth", tmp_path / "enc.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_finetuned_classifier_exports_to_timm_with_its_head(
+    tmp_path, ckpt_path, images, offline, batchnorm, target_encoder
+):
+    from ijepa_toolkit import load_encoder, save_checkpoint
+    from ijepa_toolkit.models.heads import EncoderClassifier
+
+    clf = EncoderClassifier(load_encoder(ckpt_path, num_heads=4), 5, batchnorm=batchnorm)
+    torch.manual_seed(0)
+    for name, t in clf.head.state_dict().items():  # a trained-looking head and BN statistics
+        if t.is_floating_point():
+            t.copy_(torch.rand_like(t) + 0.5 if "var" in name else torch.randn_like(t))
+    path = tmp_path / "finetuned.pth"  # finetune/run.py's checkpoint dict
+    config = {"model": {"num_heads": 4}}
+    save_checkpoint({"model": clf.state_dict(), "epoch": 3, "metrics": {}, "config": config}, path)
+    out = tmp_path / "clf.safetensors"
+    spec = export_encoder(path, out)
+    assert spec["kwargs"]["num_classes"] == 5
+    model = timm.create_model(
+        spec["architecture"], pretrained=True, **spec["kwargs"],
+        pretrained_cfg_overlay=dict(spec["pretrained_cfg_overlay"], file=str(out)),
+    ).eval()  # fmt: skip
+    logits = clf.eval()(images)
+    assert model(images).shape == (len(images), 5)
+    assert (model(images) - logits).abs().max() <= 1e-5 * logits.abs().max()
+
+
+def test_concat4_head_has_no_timm_export(tmp_path, ckpt_path):
+    from ijepa_toolkit import load_encoder, save_checkpoint
+    from ijepa_toolkit.models.heads import EncoderClassifier
+
+    clf = EncoderClassifier(load_encoder(ckpt_path, num_heads=4), 5, pool="concat4")
+    path = tmp_path / "finetuned.pth"
+    save_checkpoint({"model": clf.state_dict(), "config": {"model": {"num_heads": 4}}}, path)
+    with pytest.raises(CheckpointError, match="concat4"):
+        export_encoder(path, tmp_path / "clf.safetensors")

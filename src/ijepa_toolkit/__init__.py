@@ -5,14 +5,10 @@
 >>> feats = enc(images)                                      # (B, D) mean of final-norm tokens
 """
 
-from .checkpoint import (
-    CheckpointError,
-    inspect_checkpoint,
-    load_encoder,
-    load_predictor,
-    save_checkpoint,
-)
+from .errors import CheckpointError
 from .export import export_encoder
+from .io.save import save_checkpoint
+from .loader import inspect_checkpoint, load_encoder, load_predictor
 from .models.vit import apply_masks, encode_masked
 
 __version__ = "0.1.0"

@@ -12,15 +12,11 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from .checkpoint import SUBMODELS, CheckpointError, inspect_checkpoint
-from .export import export_encoder
-
-FORMAT_NAMES = {
-    "ijepa": "I-JEPA training checkpoint",
-    "model": "{'model': state_dict} checkpoint",
-    "state_dict": "bare state dict",
-    "safetensors": "safetensors weights file",
-}
+from .errors import UserError
+from .export import EXPORT_FORMATS, export_encoder
+from .formats import DESCRIPTIONS
+from .formats.canonical import SUBMODELS
+from .loader import inspect_checkpoint
 
 
 def _run(action: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
@@ -33,7 +29,7 @@ def _run(action: Callable[[argparse.Namespace], None], args: argparse.Namespace)
     log.setLevel(logging.INFO)
     try:
         action(args)
-    except (CheckpointError, OSError, ValueError) as e:
+    except (UserError, OSError) as e:  # bad input or an unwritable output; bugs: traceback
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -49,11 +45,21 @@ def _run(action: Callable[[argparse.Namespace], None], args: argparse.Namespace)
 def _export_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Write the encoder of a checkpoint as a safetensors file that plain timm "
-        "loads, plus a .json spec beside it (timm model name and kwargs).",
+        description="Write one encoder of a checkpoint (an encoder-only file, also of a multi-GB "
+        "training checkpoint): --format timm (default) a safetensors file that plain timm loads "
+        "plus a .json spec beside it (a finetuned classifier keeps its head); --format hf a "
+        "folder that transformers.IJepaModel.from_pretrained loads.",
     )
-    parser.add_argument("checkpoint", help="checkpoint file (.pth.tar, .pth, .safetensors)")
-    parser.add_argument("out", help="output .safetensors path; the spec goes to OUT with .json")
+    parser.add_argument(
+        "checkpoint",
+        help="checkpoint file (.pth.tar, .pth, .safetensors), transformers folder or timm name",
+    )
+    parser.add_argument(
+        "out", help="timm: output .safetensors path (the spec goes to OUT with .json); hf: folder"
+    )
+    parser.add_argument(
+        "--format", choices=EXPORT_FORMATS, default="timm", help="output format (default: timm)"
+    )
     parser.add_argument(
         "--which",
         choices=SUBMODELS,
@@ -69,14 +75,19 @@ def _export_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
 def _export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    spec = export_encoder(args.checkpoint, args.out, which=args.which, num_heads=args.num_heads)
+    spec = export_encoder(
+        args.checkpoint, args.out, which=args.which, num_heads=args.num_heads, fmt=args.format
+    )
     out = Path(args.out)
+    if args.format == "hf":
+        print(f"wrote {out}/config.json and {out}/model.safetensors (transformers IJepaModel)")
+        return
     print(f"wrote {out}")
     print(f"wrote {out.with_suffix('.json')} (timm architecture {spec['architecture']})")
 
 
 def export_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``ijepa-export CKPT OUT.safetensors [--which ...] [--num-heads N]``."""
+    """``ijepa-export CKPT OUT [--format timm|hf] [--which ...] [--num-heads N]``."""
     args = _export_parser("ijepa-export").parse_args(argv)
     return _run(_export, args)
 
@@ -90,7 +101,10 @@ def _inspect_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
         description="Summarise a checkpoint without building any model: format, epoch, "
         "sub-models, their architecture and position embedding.",
     )
-    parser.add_argument("checkpoint", help="checkpoint file (.pth.tar, .pth, .safetensors)")
+    parser.add_argument(
+        "checkpoint",
+        help="checkpoint file (.pth.tar, .pth, .safetensors), transformers folder or timm name",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
 
@@ -120,7 +134,7 @@ def format_summary(info: dict) -> str:
     fmt = info["format"]
     lines = [
         info["path"],
-        f"  format: {fmt} ({FORMAT_NAMES.get(fmt, fmt)})",
+        f"  format: {fmt} ({DESCRIPTIONS.get(fmt, fmt)})",
         f"  epoch:  {info['epoch'] if info.get('epoch') is not None else '-'}",
     ]
     for name, entry in info["submodels"].items():
@@ -128,7 +142,10 @@ def format_summary(info: dict) -> str:
         if "arch" in entry:
             lines.append(f"    arch: {_format_arch(entry['arch'])}")
         if "pos_embed" in entry:
-            lines.append(f"    pos_embed: {entry['pos_embed']}")
+            reason = entry.get("pos_embed_reason")
+            lines.append(
+                f"    pos_embed: {entry['pos_embed']}" + (f" ({reason})" if reason else "")
+            )
     meta = info.get("meta", {})
     others = [f"{k}={meta[k]!r}" if k in meta else k for k in info.get("other_keys", [])]
     if others:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 POOLS = ("avg", "concat4")
+HEAD_BN_EPS = 1e-6  # LinearHead's BatchNorm1d
 
 
 def pooled_features(encoder: nn.Module, x: torch.Tensor, pool: str = "avg") -> torch.Tensor:
@@ -37,7 +38,9 @@ class LinearHead(nn.Module):
         self, in_dim: int, num_classes: int, batchnorm: bool = False, init_std: float = 0.01
     ):
         super().__init__()
-        self.norm = nn.BatchNorm1d(in_dim, affine=False, eps=1e-6) if batchnorm else nn.Identity()
+        self.norm = (
+            nn.BatchNorm1d(in_dim, affine=False, eps=HEAD_BN_EPS) if batchnorm else nn.Identity()
+        )
         self.linear = nn.Linear(in_dim, num_classes)
         nn.init.trunc_normal_(self.linear.weight, std=init_std)
         nn.init.zeros_(self.linear.bias)

@@ -1,12 +1,18 @@
 """The official I-JEPA predictor (same parameter names), built from timm blocks, with StoP.
 
-StoP (Bar et al., 2024, "Stochastic positional embeddings improve masked image modeling"): with
-``stop_sigma > 0`` each target token's input is its fixed sin-cos position plus
-``predictor_embed(n)``, ``n ~ N(0, stop_sigma^2 I)`` drawn in the encoder width, instead of
-``mask_token + position``. The noise goes through the same linear layer that embeds the context
-tokens (which keeps the learned noise covariance from collapsing), the mask token is unused (kept,
-frozen, so checkpoints keep the official key names), and noise is drawn in train and eval mode,
-as in the StoP code.
+Target-token inputs (``target_input``, recorded with sigma in ``IJEPAPredictor.settings``):
+
+- ``mask_token``: the official I-JEPA forward, ``mask_token + position``;
+- ``stop_noise``: StoP (Bar et al., 2024, "Stochastic positional embeddings improve masked image
+  modeling"; amirbar/StoP ``src/deit.py`` ``VisionTransformerPredictor.forward`` @ 72206b3):
+  ``position + predictor_embed(n)``, ``n ~ N(0, stop_sigma^2 I)`` in the encoder width, drawn per
+  target mask with ``torch.normal`` in train and eval mode alike (StoP has no deterministic
+  forward). The noise goes through the linear layer that embeds the context tokens; the mask
+  token is never used (kept, frozen, so checkpoints keep the official key names). StoP's configs
+  use sigma 0.25 (ViT-B/16, ViT-L/16) and 0.2 (ViT-H/16). Pass a ``torch.Generator`` to
+  ``forward`` to reproduce a draw exactly (the same draws as StoP's code with that generator);
+- ``stop_zero_noise``: StoP's forward with the noise set to zero, ``position +
+  predictor_embed(0)`` = ``position + predictor_embed.bias``: deterministic.
 
 Registers (Darcet et al., 2024): ``arch.num_registers = N > 0`` adds a learned
 ``predictor_registers`` (1, N, Dp) prepended to every predictor sequence and dropped before
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from timm.layers import trunc_normal_
@@ -27,6 +33,9 @@ from torch import nn
 
 from .pos_embed import sincos_2d
 from .vit import Masks, apply_masks, count_blocks, heads_for_width
+
+TargetInput = Literal["mask_token", "stop_noise", "stop_zero_noise"]
+TARGET_INPUTS = ("mask_token", "stop_noise", "stop_zero_noise")
 
 
 @dataclass
@@ -59,14 +68,25 @@ class IJEPAPredictor(nn.Module):
     Called as the official ``predictor(x, masks_x, masks)``: ``x`` (len(masks_x)*B, Kc, D) context
     tokens, ``masks_x`` the context index tensor(s) (B, Kc), ``masks`` the target index tensor(s)
     (B, Kt). Returns (len(masks)*len(masks_x)*B, Kt, D) predictions, mask-major.
-    ``stop_sigma > 0`` switches on StoP (module docstring); 0 is the exact official forward.
-    ``arch.num_registers > 0`` prepends that many learned register tokens (module docstring).
+    ``target_input`` (module docstring) defaults to ``stop_noise`` when ``stop_sigma > 0``, else
+    ``mask_token`` (the exact official forward). ``arch.num_registers > 0`` prepends that many
+    learned register tokens (module docstring).
     """
 
-    def __init__(self, arch: PredictorArch, drop_path_rate: float = 0.0, stop_sigma: float = 0.0):
+    def __init__(
+        self,
+        arch: PredictorArch,
+        drop_path_rate: float = 0.0,
+        stop_sigma: float = 0.0,
+        target_input: Optional[TargetInput] = None,
+    ):
         super().__init__()
+        target_input = target_input or ("stop_noise" if stop_sigma > 0 else "mask_token")
+        if target_input not in TARGET_INPUTS:
+            raise ValueError(f"target_input must be one of {TARGET_INPUTS}, got {target_input!r}")
         self.arch = arch
         self.stop_sigma = stop_sigma
+        self.target_input = target_input
         dim = arch.predictor_embed_dim
         norm_layer = partial(nn.LayerNorm, eps=arch.layernorm_eps)
         self.predictor_embed = nn.Linear(arch.embed_dim, dim, bias=True)
@@ -74,7 +94,7 @@ class IJEPAPredictor(nn.Module):
         self.predictor_pos_embed = nn.Parameter(
             sincos_2d(dim, (arch.grid, arch.grid)), requires_grad=False
         )
-        rates = torch.linspace(0, drop_path_rate, arch.depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, arch.depth, device="cpu").tolist()
         self.predictor_blocks = nn.ModuleList(
             Block(dim, arch.num_heads, arch.mlp_ratio, qkv_bias=arch.qkv_bias, drop_path=r,
                   norm_layer=norm_layer)
@@ -86,10 +106,23 @@ class IJEPAPredictor(nn.Module):
         if arch.num_registers > 0:
             self.predictor_registers = nn.Parameter(torch.zeros(1, arch.num_registers, dim))
             trunc_normal_(self.predictor_registers, std=0.02)
-        if stop_sigma > 0:
+        if target_input != "mask_token":
             self.mask_token.requires_grad_(False)
 
-    def forward(self, x: torch.Tensor, masks_x: Masks, masks: Masks) -> torch.Tensor:
+    @property
+    def settings(self) -> dict:
+        """What the target tokens are fed (for results): ``target_input`` and ``stop_sigma``."""
+        sigma = self.stop_sigma if self.target_input == "stop_noise" else 0.0
+        return {"target_input": self.target_input, "stop_sigma": sigma}
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        masks_x: Masks,
+        masks: Masks,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """``generator``: draws StoP's noise (``stop_noise``), else the global generator."""
         masks_x = [masks_x] if isinstance(masks_x, torch.Tensor) else list(masks_x)
         masks = [masks] if isinstance(masks, torch.Tensor) else list(masks)
         batch = len(x) // len(masks_x)
@@ -99,14 +132,10 @@ class IJEPAPredictor(nn.Module):
         x = x + apply_masks(pos, masks_x)
         n_context = x.shape[1]
 
-        target_pos = repeat_interleave_batch(apply_masks(pos, masks), batch, len(masks_x))
-        if self.stop_sigma > 0:
-            shape = (*target_pos.shape[:2], self.arch.embed_dim)
-            noise = torch.randn(shape, device=x.device, dtype=x.dtype) * self.stop_sigma
-            pred_tokens = target_pos + self.predictor_embed(noise)
-        else:
-            pred_tokens = self.mask_token.to(x.dtype) + target_pos
-        x = torch.cat([x.repeat(len(masks), 1, 1), pred_tokens], dim=1)
+        pred_tokens = torch.cat(
+            [self._target_tokens(pos, m, batch, len(masks_x), generator) for m in masks]
+        )
+        x = torch.cat([x.repeat(len(masks), 1, 1), pred_tokens.to(x.dtype)], dim=1)
         n_prefix = n_context
         if self.arch.num_registers > 0:
             registers = self.predictor_registers.to(x.dtype).expand(len(x), -1, -1)
@@ -116,6 +145,22 @@ class IJEPAPredictor(nn.Module):
             x = blk(x)
         x = self.predictor_norm(x)
         return self.predictor_proj(x[:, n_prefix:])
+
+    def _target_tokens(
+        self, pos: torch.Tensor, mask: torch.Tensor, batch: int, repeat: int,
+        generator: Optional[torch.Generator],
+    ) -> torch.Tensor:  # fmt: skip
+        """(repeat*B, Kt, Dp) inputs of one target mask's tokens (module docstring)."""
+        target_pos = repeat_interleave_batch(apply_masks(pos, mask), batch, repeat)
+        if self.target_input == "mask_token":
+            return self.mask_token + target_pos
+        if self.target_input == "stop_zero_noise":
+            return target_pos + self.predictor_embed.bias
+        weight = self.predictor_embed.weight
+        size = (*target_pos.shape[:2], self.arch.embed_dim)
+        noise = torch.normal(0.0, self.stop_sigma, size, generator=generator,
+                             device=weight.device, dtype=weight.dtype)  # fmt: skip
+        return target_pos + self.predictor_embed(noise)
 
 
 def infer_predictor_arch(state_dict: dict, num_heads: Optional[int] = None) -> PredictorArch:

@@ -13,14 +13,24 @@ from typing import Optional, Sequence, Union
 
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .norms import norm_layer as make_norm_layer
-from .pos_embed import is_sincos, sincos_2d
+from .pos_embed import sincos_2d
 
 # Width -> heads of the standard ViT sizes (Ti, S, B, L, H, g).
 STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16}
+# The official model sizes (src/models/vision_transformer.py): width, depth, heads, mlp ratio.
+MODEL_SIZES = {
+    "vit_tiny": (192, 12, 3, 4.0),
+    "vit_small": (384, 12, 6, 4.0),
+    "vit_base": (768, 12, 12, 4.0),
+    "vit_large": (1024, 24, 16, 4.0),
+    "vit_huge": (1280, 32, 16, 4.0),
+    "vit_giant": (1408, 40, 16, 48 / 11),
+}
 POS_EMBED_KINDS = ("sincos", "learned")
 
 Masks = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -193,11 +203,6 @@ def count_blocks(state_dict: dict, prefix: str) -> int:
     return 1 + max(indices)
 
 
-def pos_embed_kind_of(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> str:
-    """``"sincos"`` when the stored table is numerically the fixed formula, else ``"learned"``."""
-    return "sincos" if is_sincos(pos_embed, grid_hw) else "learned"
-
-
 def apply_masks(x: torch.Tensor, masks: Masks) -> torch.Tensor:
     """Keep the indexed tokens: (B, N, D) and (B, K) indices -> (B, K, D).
 
@@ -223,8 +228,6 @@ def encode_masked(encoder: VisionTransformer, x: torch.Tensor, masks: Masks) -> 
     tokens = encoder._pos_embed(encoder.patch_embed(x))
     tokens = apply_masks(tokens, masks)
     if encoder.grad_checkpointing and torch.is_grad_enabled():
-        from timm.models._manipulate import checkpoint_seq
-
         tokens = checkpoint_seq(encoder.blocks, tokens)
     else:
         tokens = encoder.blocks(tokens)

@@ -2,16 +2,21 @@
 
 ``VariantViT`` is an ``IJEPAVisionTransformer`` (so a timm ``VisionTransformer``) with
 - ``pos_kind``: ``sincos`` / ``learned`` (the parent's table), ``factorized`` (learned row and
-  column tables ``pos_embed_row`` (1, Gh, D) + ``pos_embed_col`` (1, Gw, D), linearly resampled
-  at other grids) or ``rope`` (2D rotary embedding on q/k: half the head dimension rotates with
-  the row index, half with the column index, frequencies ``theta ** (-i / (head_dim / 4))``);
+  column tables ``pos_embed_row`` (1, Gh, D) + ``pos_embed_col`` (1, Gw, D), indexed by absolute
+  patch row / column: a smaller grid takes the first rows / columns, as the seeds do) or
+  ``rope`` (2D rotary embedding on q/k: half the head dimension rotates with the row index,
+  half with the column index, frequencies ``theta ** (-i / (head_dim / 4))``);
 - ``moe_experts``: every block's MLP is a ``DiffMoEMlp`` (diffmoe.py; ``eval()`` switches from
   expert-choice to predicted dynamic capacity);
+- ``mlp_act``: the MLP activation, ``gelu`` (exact, timm's default) or ``gelu_tanh`` (timm's
+  ``GELUTanh``, the tanh approximation); ``qk_norm``: per-head ``layernorm`` / ``dyntanh`` over
+  head_dim on q and k (timm's ``Attention`` ``q_norm`` / ``k_norm``, applied before RoPE);
 - ``num_registers``: learned register tokens (timm's ``reg_token``), prepended after the
   positions, never rotated, and removed by ``forward_features`` -- so they are neither targets
   nor pooled, and the (B, N, D) patch-token contract is the parent's.
 
-A state dict says which options it holds (``reg_token``, ``pos_embed_row``, ``rope.freqs``), so
+A state dict says which options it holds (``reg_token``, ``pos_embed_row``, ``rope.freqs``,
+``blocks.0.attn.q_norm.*``; ``mlp_act`` has no tensor: the format records it), so
 ``load_encoder`` rebuilds the same class from the tensors alone (``variant_from_state``).
 """
 
@@ -25,6 +30,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Attention
 from torch import nn
 
+from ..errors import UserError
 from .diffmoe import DiffMoEMlp
 from .norms import norm_layer as make_norm_layer
 from .pos_embed import sincos_2d
@@ -32,7 +38,9 @@ from .vit import EncoderArch, IJEPAVisionTransformer, Masks, apply_masks, infer_
 
 POS_KINDS = ("sincos", "learned", "factorized", "rope")
 MOE_KEY = "blocks.0.mlp.router.weight"
-VARIANT_KEYS = ("reg_token", "pos_embed_row", "rope.freqs", MOE_KEY)
+QK_KEY = "blocks.0.attn.q_norm.weight"
+VARIANT_KEYS = ("reg_token", "pos_embed_row", "rope.freqs", MOE_KEY, QK_KEY)
+MLP_ACTS = ("gelu", "gelu_tanh")
 
 
 def grid_positions(h: int, w: int, device=None) -> torch.Tensor:
@@ -41,6 +49,22 @@ def grid_positions(h: int, w: int, device=None) -> torch.Tensor:
         torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij"
     )
     return torch.stack([rows.reshape(-1), cols.reshape(-1)], dim=-1).float()
+
+
+def factorized_positions(row: torch.Tensor, col: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(1, H*W, D) ``row[r] + col[c]`` of a row-major H x W grid, by absolute patch index.
+
+    ``row`` (1, Gh, D) / ``col`` (1, Gw, D): a smaller grid uses the first H rows / W columns (no
+    resampling), as the featurenorm and IJEPA-Enhanced seeds index their tables; a grid larger
+    than a table raises ``UserError`` naming the table size.
+    """
+    if h > row.shape[1] or w > col.shape[1]:
+        raise UserError(
+            f"a {h}x{w} patch grid does not fit the factorised position tables "
+            f"({row.shape[1]} rows x {col.shape[1]} columns): use images of at most that many "
+            "patches per side"
+        )
+    return (row[:, :h, None] + col[:, None, :w]).reshape(1, h * w, -1)
 
 
 class Rope2D(nn.Module):
@@ -96,17 +120,19 @@ class VariantViT(IJEPAVisionTransformer):
     def __init__(
         self, *args, pos_kind: str = "sincos", num_registers: int = 0,
         rope_theta: float = 10000.0, moe_experts: int = 0, moe_capacity: float = 1.0,
-        moe_threshold: float = 0.5, **kwargs,
+        moe_threshold: float = 0.5, mlp_act: str = "gelu", qk_norm_layer=None, **kwargs,
     ):  # fmt: skip
         if pos_kind not in POS_KINDS:
             raise ValueError(f"pos_kind must be one of {POS_KINDS}, got {pos_kind!r}")
+        if mlp_act not in MLP_ACTS:
+            raise ValueError(f"mlp_act must be one of {MLP_ACTS}, got {mlp_act!r}")
         table = pos_kind in ("sincos", "learned")
         super().__init__(
             *args, pos_embed_kind=pos_kind if table else "sincos",
             pos_embed="learn" if table else "none", reg_tokens=num_registers,
-            no_embed_class=True, **kwargs,
+            no_embed_class=True, act_layer=mlp_act, **kwargs,
         )  # fmt: skip
-        self.pos_kind = pos_kind
+        self.pos_kind, self.mlp_act = pos_kind, mlp_act
         self.pos_embed_kind = pos_kind  # what load_encoder logs; the parent reads it for tables
         gh, gw = self.patch_embed.grid_size
         if pos_kind == "factorized":
@@ -127,6 +153,9 @@ class VariantViT(IJEPAVisionTransformer):
                     self.embed_dim, old.num_heads, qkv_bias=old.qkv.bias is not None,
                     rope=self.rope,
                 )  # fmt: skip
+        for block in self.blocks if qk_norm_layer is not None else ():
+            block.attn.q_norm = qk_norm_layer(block.attn.head_dim)
+            block.attn.k_norm = qk_norm_layer(block.attn.head_dim)
         if self.reg_token is not None:
             trunc_normal_(self.reg_token, std=0.02)
         for block in self.blocks if moe_experts else ():
@@ -137,12 +166,7 @@ class VariantViT(IJEPAVisionTransformer):
         """(1, H*W, D) additive positions; zeros for ``rope`` (positions act in attention)."""
         h, w = grid_hw
         if self.pos_kind == "factorized":
-            row, col = self.pos_embed_row, self.pos_embed_col
-            if row.shape[1] != h:
-                row = F.interpolate(row.transpose(1, 2), size=h, mode="linear").transpose(1, 2)
-            if col.shape[1] != w:
-                col = F.interpolate(col.transpose(1, 2), size=w, mode="linear").transpose(1, 2)
-            return (row[:, :, None] + col[:, None, :]).reshape(1, h * w, -1)
+            return factorized_positions(self.pos_embed_row, self.pos_embed_col, h, w)
         if self.pos_kind == "rope":
             return self.patch_embed.proj.weight.new_zeros(1, h * w, self.embed_dim)
         return super().pos_embed_for_grid(grid_hw)
@@ -181,10 +205,13 @@ class VariantViT(IJEPAVisionTransformer):
 def create_variant_encoder(
     arch: EncoderArch, pos_kind: str = "sincos", num_registers: int = 0,
     rope_theta: float = 10000.0, drop_path_rate: float = 0.0, moe_experts: int = 0,
-    moe_capacity: float = 1.0, moe_threshold: float = 0.5,
+    moe_capacity: float = 1.0, moe_threshold: float = 0.5, mlp_act: str = "gelu",
+    qk_norm: Optional[str] = None,
 ) -> VariantViT:  # fmt: skip
-    """A fresh ``VariantViT`` of ``arch`` (sin-cos table filled for ``sincos``)."""
+    """A fresh ``VariantViT`` of ``arch`` (sin-cos table filled for ``sincos``); ``qk_norm``:
+    None or the per-head norm kind (LayerNorm eps ``arch.layernorm_eps``, DynTanh affine)."""
     norm = make_norm_layer(arch.block_norm, arch.layernorm_eps, arch.norm_affine)
+    qk_layer = None if qk_norm is None else make_norm_layer(qk_norm, arch.layernorm_eps)
     model = VariantViT(
         img_size=arch.img_size, patch_size=arch.patch_size, in_chans=arch.in_chans,
         num_classes=0, global_pool="avg", embed_dim=arch.embed_dim, depth=arch.depth,
@@ -192,6 +219,7 @@ def create_variant_encoder(
         class_token=False, fc_norm=False, dynamic_img_size=True, drop_path_rate=drop_path_rate,
         norm_layer=norm, pos_kind=pos_kind, num_registers=num_registers, rope_theta=rope_theta,
         moe_experts=moe_experts, moe_capacity=moe_capacity, moe_threshold=moe_threshold,
+        mlp_act=mlp_act, qk_norm_layer=qk_layer,
     )  # fmt: skip
     if arch.norm != arch.block_norm:
         model.norm = make_norm_layer(arch.norm, arch.layernorm_eps, arch.norm_affine)(
@@ -218,6 +246,8 @@ def variant_from_state(
     grid is stored in ``rope.grid``; raises ``KeyError`` / ``ValueError`` as ``infer_encoder_arch``.
     """
     options = {"num_registers": state["reg_token"].shape[1] if "reg_token" in state else 0}
+    if QK_KEY in state:
+        options["qk_norm"] = "dyntanh" if "blocks.0.attn.q_norm.alpha" in state else "layernorm"
     if "pos_embed_row" in state:
         options["pos_kind"] = "factorized"
         side = state["pos_embed_row"].shape[1]

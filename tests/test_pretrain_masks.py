@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from _official_masks import OfficialMaskCollator
 
+from ijepa_toolkit.configs import find_config
 from ijepa_toolkit.masks.multiblock import MaskSection, MultiBlockMaskSampler, random_subsets
 
 GRID = (8, 8)
@@ -119,9 +120,37 @@ def test_render_tints_context_and_targets_and_visualize_writes_pngs(tmp_path):
     train, _ = build_digits_imagefolder(tmp_path / "digits", size=32, per_class=4)
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, str(repo / "visualize.py"), "masks", "--fname",
-           str(repo / "configs/pretrain/tiny_cpu.yaml"), "--steps", "2", "--out", str(tmp_path),
-           "data.dataset=imagefolder", f"data.root_path={train}"]  # fmt: skip
+           str(find_config("pretrain/tiny_cpu")), "--steps", "2", "--out", str(tmp_path),
+           f"data.train_folder={train}", "data.digits_root=null"]  # fmt: skip
     env = {"PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["masks_step0.png", "masks_step1.png"]
+
+
+def test_mask_and_model_sections_check_their_values_with_the_dotted_key():
+    import pytest
+
+    from ijepa_toolkit.config import ConfigError, build
+    from ijepa_toolkit.pretrain.model import ModelSection
+
+    assert build(MaskSection, {"pred_mask_scale": [1.5e-1, 2e-1]}, "mask").pred_mask_scale == (
+        0.15, 0.2,
+    )  # fmt: skip
+    bad = [
+        (MaskSection, "mask", {"pred_mask_scale": [0.5, 0.2]}, "mask.pred_mask_scale must be ["),
+        (MaskSection, "mask", {"num_pred_masks": 0}, "mask.num_pred_masks must be >= 1, got 0"),
+        (MaskSection, "mask", {"aspect_ratio": [0, 1]}, "mask.aspect_ratio must be [min, max]"),
+        (MaskSection, "mask", {"enc_mask_scale": [0.85]}, "mask.enc_mask_scale must be list of 2"),
+        (ModelSection, "model", {"stop_sigma": -1}, "model.stop_sigma must be >= 0, got -1.0"),
+        (ModelSection, "model",
+         {"pred_capacity": 0.6, "pred_repeats": 2, "pred_replacement": False},
+         "model.pred_capacity must be <= 1 / pred_repeats (2)"),
+        (ModelSection, "model", {"model_name": "vit_mega"}, "model.model_name must be one of ["),
+    ]  # fmt: skip
+    for cls, where, data, message in bad:
+        with pytest.raises(ConfigError) as err:
+            build(cls, data, where)
+        assert str(err.value).startswith(message), str(err.value)
+    ok = build(ModelSection, {"pred_capacity": 0.6, "pred_repeats": 2, "pred_replacement": True})
+    assert ok.pred_capacity * ok.pred_repeats > 1

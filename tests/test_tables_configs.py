@@ -2,40 +2,33 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import importlib
 
 import pytest
 
 from ijepa_toolkit.config import load_config
+from ijepa_toolkit.configs import CONFIG_DIR, find_config
 from ijepa_toolkit.eval.depth import DepthConfig
+from ijepa_toolkit.eval.knn import KNNConfig
+from ijepa_toolkit.eval.linear import LinprobeConfig
+from ijepa_toolkit.eval.logistic import LogisticConfig
 from ijepa_toolkit.finetune.config import FinetuneConfig
-from ijepa_toolkit.tables import PROTOCOL_SCRIPTS, TableConfig
+from ijepa_toolkit.tables import PROTOCOL_MODULES, TableConfig
 
-REPO = Path(__file__).resolve().parents[1]
-TABLES = sorted((REPO / "configs" / "tables").glob("*.yaml"))
-
-
-def script_config(script: str, name: str) -> type:
-    spec = importlib.util.spec_from_file_location(script.removesuffix(".py"), REPO / script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while being built
-    spec.loader.exec_module(module)
-    return getattr(module, name)
-
-
+TABLES = sorted((CONFIG_DIR / "tables").glob("*.yaml"))
 SCHEMAS = {
-    "logistic": lambda: script_config("logistic_eval.py", "LogisticConfig"),
-    "linprobe": lambda: script_config("main_linprobe.py", "LinprobeConfig"),
-    "knn": lambda: script_config("knn_eval.py", "KNNConfig"),
-    "depth": lambda: DepthConfig,
-    "finetune": lambda: FinetuneConfig,
+    "logistic": LogisticConfig,
+    "linprobe": LinprobeConfig,
+    "knn": KNNConfig,
+    "depth": DepthConfig,
+    "finetune": FinetuneConfig,
 }
 
 
-def test_every_protocol_has_a_schema():
-    assert set(SCHEMAS) == set(PROTOCOL_SCRIPTS)
+def test_every_protocol_has_a_schema_and_a_module_with_main():
+    assert set(SCHEMAS) == set(PROTOCOL_MODULES)
+    for module in PROTOCOL_MODULES.values():
+        assert callable(importlib.import_module(module).main), module
 
 
 @pytest.mark.parametrize("table", TABLES, ids=lambda p: p.stem)
@@ -43,9 +36,8 @@ def test_table_rows_name_existing_parsable_configs(table):
     cfg = load_config(TableConfig, table)
     assert cfg.rows
     for row in cfg.rows:
-        path = REPO / row.config
-        assert path.is_file(), f"{table.name}: row {row.name!r} names missing {row.config}"
+        path = find_config(row.config)  # a shipped name: raises if missing
         overrides = [*row.overrides, "logging.folder=x"]
         if row.checkpoint:
             overrides.append(f"model.checkpoint={row.checkpoint}")
-        load_config(SCHEMAS[row.protocol](), path, overrides)
+        load_config(SCHEMAS[row.protocol], path, overrides)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import UserError
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger("ijepa_toolkit")
@@ -40,7 +41,7 @@ DEFAULT_DEPTH_SCALE = {"mat": 1.0, "folder": 1e-3, "tar": 1.0}  # metres per sto
 SPLIT_KEYS = {"train": "trainNdxs", "test": "testNdxs"}
 
 
-class DepthDataError(ValueError):
+class DepthDataError(UserError):
     """Depth data that cannot be used; the message names the file and the problem."""
 
 

@@ -16,10 +16,12 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from ..errors import UserError
+
 logger = logging.getLogger("ijepa_toolkit")
 
 
-class SubsetError(ValueError):
+class SubsetError(UserError):
     """A subset that cannot be built; the message names the file and the problem."""
 
 
@@ -27,9 +29,12 @@ class SubsetError(ValueError):
 class SubsetSection:
     """A training subset: a file of image names (``1percent.txt`` style) or N images per class."""
 
-    file: Optional[str] = None
+    file: Optional[str] = None  # one image file name per line (``1percent.txt``)
     per_class: int = 0  # > 0: this many images per class, drawn with ``seed``
-    seed: int = 0
+    seed: int = 0  # seed of the per_class draw
+
+    def checks(self) -> list[tuple[str, Any, bool, str]]:
+        return [("per_class", self.per_class, self.per_class >= 0, ">= 0 (0: no subset)")]
 
 
 def subset_of(dataset: Any, subset: SubsetSection) -> Optional[list[int]]:

@@ -18,9 +18,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+
+from ..errors import ConfigError
 
 logger = logging.getLogger("ijepa_toolkit")
 
@@ -39,6 +41,25 @@ class MaskSection:
     legacy: bool = False  # reproduce the official sampler exactly (quirks included)
     group_size: int = 0  # images whose masks share one length; 0: the per-process batch
 
+    def checks(self) -> list[tuple[str, Any, bool, str]]:
+        return [
+            ("enc_mask_scale", self.enc_mask_scale, _interval(self.enc_mask_scale, 0, 1),
+             "[min, max] with 0 <= min <= max <= 1"),
+            ("pred_mask_scale", self.pred_mask_scale, _interval(self.pred_mask_scale, 0, 1),
+             "[min, max] with 0 <= min <= max <= 1"),
+            ("aspect_ratio", self.aspect_ratio, _interval(self.aspect_ratio, 1e-6, math.inf),
+             "[min, max] with 0 < min <= max"),
+            ("num_enc_masks", self.num_enc_masks, self.num_enc_masks >= 1, ">= 1"),
+            ("num_pred_masks", self.num_pred_masks, self.num_pred_masks >= 1, ">= 1"),
+            ("min_keep", self.min_keep, self.min_keep >= 0, ">= 0"),
+            ("group_size", self.group_size, self.group_size >= 0, ">= 0 (0: the batch)"),
+        ]  # fmt: skip
+
+
+def _interval(pair: tuple[float, float], lo: float, hi: float) -> bool:
+    """``pair`` is ``(a, b)`` with ``lo <= a <= b <= hi``."""
+    return lo <= pair[0] <= pair[1] <= hi
+
 
 class MultiBlockMaskSampler:
     """Sample context and target masks for a batch on a ``grid`` of (H, W) patches.
@@ -55,7 +76,7 @@ class MultiBlockMaskSampler:
         self.max_tries = max_tries
         n = self.height * self.width
         if cfg.min_keep >= n:
-            raise ValueError(
+            raise ConfigError(
                 f"mask.min_keep={cfg.min_keep} must be below the {n} patches per image"
             )
 

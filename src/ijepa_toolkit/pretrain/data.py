@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import Sampler
@@ -15,15 +15,14 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 @dataclass
 class DataSection:
-    """The official ``data`` section; ``dataset: digits`` builds scikit-learn's digits instead.
-
-    Images come from ``root_path/image_folder`` (class sub-folders; labels unused). kNN / LiDAR
-    probes use ``knn_train_folder`` / ``knn_val_folder`` (the digits splits for ``digits``).
+    """The official ``data`` section, with the toolkit's one folder key: images come from
+    ``train_folder`` (class sub-folders; labels unused), the official ``root_path/image_folder``.
+    ``digits_root`` builds scikit-learn's digits there and trains on them instead. kNN / LiDAR
+    probes use ``knn_train_folder`` / ``knn_val_folder`` (the digits splits for ``digits_root``).
     """
 
-    dataset: Literal["imagefolder", "digits"] = "imagefolder"
-    root_path: str = ""
-    image_folder: str = ""
+    train_folder: str = ""  # ImageFolder of the training images (official root_path/image_folder)
+    digits_root: Optional[str] = None  # build scikit-learn's digits here and use them (demo/tests)
     batch_size: int = 128  # per process
     crop_size: int = 224
     crop_scale: tuple[float, float] = (0.3, 1.0)
@@ -35,6 +34,20 @@ class DataSection:
     pin_mem: bool = True
     knn_train_folder: Optional[str] = None
     knn_val_folder: Optional[str] = None
+
+    def checks(self) -> list[tuple[str, Any, bool, str]]:
+        lo, hi = self.crop_scale
+        return [
+            ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
+            ("crop_size", self.crop_size, self.crop_size >= 1, ">= 1"),
+            ("crop_scale", self.crop_scale, 0 < lo <= hi <= 1,
+             "[min, max] with 0 < min <= max <= 1"),
+            ("color_jitter_strength", self.color_jitter_strength,
+             self.color_jitter_strength >= 0, ">= 0"),
+            ("num_workers", self.num_workers, self.num_workers >= 0, ">= 0"),
+            ("train_folder", self.train_folder, not (self.train_folder and self.digits_root),
+             "empty when data.digits_root is set (give one of the two)"),
+        ]  # fmt: skip
 
 
 def pretrain_transform(cfg: DataSection) -> transforms.Compose:
@@ -58,14 +71,12 @@ def pretrain_transform(cfg: DataSection) -> transforms.Compose:
 
 def resolve_folders(cfg: DataSection) -> tuple[Path, Optional[Path], Optional[Path]]:
     """(training folder, kNN train folder, kNN val folder) of the config."""
-    if cfg.dataset == "digits":
+    if cfg.digits_root:
         from ..data.digits import build_digits_imagefolder
 
-        train, val = build_digits_imagefolder(cfg.root_path or "data/digits", size=cfg.crop_size)
+        train, val = build_digits_imagefolder(cfg.digits_root, size=cfg.crop_size)
         return train, train, val
-    if cfg.dataset != "imagefolder":
-        raise ValueError(f"data.dataset={cfg.dataset!r}: expected 'imagefolder' or 'digits'")
-    folder = Path(cfg.root_path) / cfg.image_folder
+    folder = Path(cfg.train_folder)
     knn_train = Path(cfg.knn_train_folder) if cfg.knn_train_folder else None
     knn_val = Path(cfg.knn_val_folder) if cfg.knn_val_folder else None
     return folder, knn_train, knn_val

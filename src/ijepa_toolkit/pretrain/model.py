@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from torch import nn
 
 from ..models.predictor import IJEPAPredictor, PredictorArch, repeat_interleave_batch
 from ..models.vit import (
+    MODEL_SIZES,
     EncoderArch,
     IJEPAVisionTransformer,
     Masks,
@@ -25,15 +26,6 @@ from ..models.vit_variants import create_variant_encoder
 from .packing import PackedBatch, encode_packed, predict_packed
 from .token_drop import TokenDrop, select_context
 
-# The official model sizes (src/models/vision_transformer.py): width, depth, heads, mlp ratio.
-MODEL_SIZES = {
-    "vit_tiny": (192, 12, 3, 4.0),
-    "vit_small": (384, 12, 6, 4.0),
-    "vit_base": (768, 12, 12, 4.0),
-    "vit_large": (1024, 24, 16, 4.0),
-    "vit_huge": (1280, 32, 16, 4.0),
-    "vit_giant": (1408, 40, 16, 48 / 11),
-}
 LOSSES = ("smooth_l1", "l2")
 
 
@@ -52,7 +44,9 @@ class ModelSection:
     output_norm: Literal["layernorm", "dyntanh"] = "layernorm"  # the encoder's final norm
     block_norm: Literal["layernorm", "dyntanh"] = "layernorm"  # norm1/norm2 inside the blocks
     norm_affine: bool = True  # DynTanh weight/bias
-    target_norm: Literal["layernorm", "batchnorm", "running_batchnorm", "none"] = "layernorm"
+    target_norm: Literal[
+        "layernorm", "batchnorm", "running_batchnorm", "running_batchnorm_singleton", "none"
+    ] = "layernorm"  # pretrain/targets.py
     stop: bool = False  # StoP: stochastic positions for the predictor's target tokens
     stop_sigma: float = 0.25  # std of the StoP noise, in the encoder width
     loss: Literal["smooth_l1", "l2"] = "smooth_l1"
@@ -64,20 +58,45 @@ class ModelSection:
     # predictor token dropping + batch repeat (token_drop.py); 1.0 / 1 = off
     pred_capacity: float = 1.0  # fraction of context and of target tokens per predictor copy
     pred_repeats: int = 1  # predictor copies per image
-    pred_replacement: bool = False  # copies draw independently (else disjoint subsets)
+    pred_replacement: bool = True  # copies draw independently (seed), else disjoint subsets
+    pred_window: int = 1  # token-drop units: window x window patches (featurenorm: 2)
     tome_rates: list = field(default_factory=list)  # ToMe: tokens merged per encoder block
+    # ToMe merge point: after the attention (ijepa-enhanced) or after the whole block (featurenorm)
+    tome_placement: Literal["attention", "block"] = "attention"
+    tome_mode: Literal["mean", "drop"] = "mean"  # merged tokens: unweighted mean, or dropped
     moe_experts: int = 0  # DiffMoE MLPs in the encoder (0: dense MLP)
     moe_capacity: float = 1.0  # training: each expert takes capacity * tokens / experts tokens
     moe_threshold: float = 0.5  # eval: capacity-predictor probability to use an expert
     moe_aux_weight: float = 1.0  # weight of the capacity predictor's BCE in the loss
 
+    def checks(self) -> list[tuple[str, Any, bool, str]]:
+        cap, rep = self.pred_capacity, self.pred_repeats
+        disjoint_ok = self.pred_replacement or cap * rep <= 1 + 1e-9
+        return [
+            ("patch_size", self.patch_size, self.patch_size >= 1, ">= 1"),
+            ("pred_depth", self.pred_depth, self.pred_depth >= 1, ">= 1"),
+            ("pred_emb_dim", self.pred_emb_dim, self.pred_emb_dim >= 1, ">= 1"),
+            ("drop_path", self.drop_path, 0 <= self.drop_path < 1, "in [0, 1)"),
+            ("stop_sigma", self.stop_sigma, self.stop_sigma >= 0, ">= 0"),
+            ("rope_theta", self.rope_theta, self.rope_theta > 0, "> 0"),
+            ("num_registers", self.num_registers, self.num_registers >= 0, ">= 0"),
+            ("pred_num_registers", self.pred_num_registers, self.pred_num_registers >= 0, ">= 0"),
+            ("pred_capacity", cap, 0 < cap <= 1, "in (0, 1]"),
+            ("pred_repeats", rep, rep >= 1, ">= 1"),
+            ("pred_window", self.pred_window, self.pred_window >= 1, ">= 1"),
+            ("pred_capacity", cap, disjoint_ok,
+             f"<= 1 / pred_repeats ({rep}) for disjoint subsets (or set model.pred_replacement)"),
+            ("tome_rates", self.tome_rates,
+             all(isinstance(r, int) and r >= 0 for r in self.tome_rates), "a list of ints >= 0"),
+            ("moe_experts", self.moe_experts, self.moe_experts >= 0, ">= 0"),
+            ("moe_capacity", self.moe_capacity, self.moe_capacity > 0, "> 0"),
+            ("moe_threshold", self.moe_threshold, 0 <= self.moe_threshold <= 1, "in [0, 1]"),
+            ("moe_aux_weight", self.moe_aux_weight, self.moe_aux_weight >= 0, ">= 0"),
+        ]  # fmt: skip
+
 
 def encoder_arch(section: ModelSection, img_size: int) -> EncoderArch:
     """The encoder shape: ``model_name`` at ``img_size``/``patch_size``, ``arch`` overrides."""
-    if section.model_name not in MODEL_SIZES:
-        raise ValueError(
-            f"model.model_name={section.model_name!r}: expected one of {sorted(MODEL_SIZES)}"
-        )
     width, depth, heads, mlp_ratio = MODEL_SIZES[section.model_name]
     fields = dict(
         img_size=img_size, patch_size=section.patch_size, embed_dim=width, depth=depth,
@@ -122,11 +141,15 @@ class ContextPath(nn.Module):
     ``forward(packed_batch)``: predictions (R, Lt, D) at the packed target tokens (packing.py).
     """
 
-    def __init__(self, encoder: IJEPAVisionTransformer, predictor: IJEPAPredictor, tome_rates=()):
+    def __init__(
+        self, encoder: IJEPAVisionTransformer, predictor: IJEPAPredictor, tome_rates=(),
+        tome_placement: str = "attention", tome_mode: str = "mean",
+    ):  # fmt: skip
         super().__init__()
         self.encoder = encoder
         self.predictor = predictor
         self.tome_rates = tuple(tome_rates)  # ToMe in the packed encoder (packing.py)
+        self.tome_options = {"tome_placement": tome_placement, "tome_mode": tome_mode}
 
     def forward(
         self, images: torch.Tensor | PackedBatch, masks_enc: Optional[Masks] = None,
@@ -135,8 +158,9 @@ class ContextPath(nn.Module):
         if isinstance(images, PackedBatch):
             b = images
             ctx = encode_packed(
-                self.encoder, b.ctx_px, b.ctx_ids, b.ctx_gsample, b.grids, self.tome_rates
-            )
+                self.encoder, b.ctx_px, b.ctx_ids, b.ctx_gsample, b.grids, self.tome_rates,
+                **self.tome_options,
+            )  # fmt: skip
             return predict_packed(
                 self.predictor, ctx, b.ctx_ids, b.ctx_gsample, b.tgt_ids, b.tgt_gsample, b.grids
             )

@@ -27,8 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def one_epoch(cache: str, way: str, batch: int) -> dict:
     """Run one epoch of batches the ``way`` given; peak RSS (MiB) and seconds."""
-    sys.path.insert(0, str(REPO))
-    from main_linprobe import cached_batches
+    from ijepa_toolkit.eval.linear import cached_batches
 
     feats = np.load(cache, mmap_mode="r")
     labels = np.arange(len(feats)) % 1000

@@ -12,7 +12,6 @@ import pytest
 import torch
 from _direct import concat4_by_hand
 
-from ijepa_toolkit.checkpoint import save_checkpoint
 from ijepa_toolkit.config import EncoderSection
 from ijepa_toolkit.data.digits import build_digits_imagefolder
 from ijepa_toolkit.data.subsets import (
@@ -28,6 +27,7 @@ from ijepa_toolkit.eval.features import (
     load_or_extract,
     model_identity,
 )
+from ijepa_toolkit.io.save import save_checkpoint
 from ijepa_toolkit.models.vit import EncoderArch, create_encoder
 
 ARCH = dict(img_size=16, patch_size=8, embed_dim=32, depth=5, num_heads=4)
@@ -50,11 +50,14 @@ def never_built():
     raise AssertionError("the encoder was built: features were extracted again")
 
 
-def features(folder, cache, ckpt=None, layers="last", make=None, **data):
+def features(folder, cache, ckpt=None, layers="last", make=None, options=None, **data):
+    """Cached features of ``folder``; ``options``: keyword arguments of ``load_or_extract``."""
     ds = build_eval_dataset(str(folder), EvalDataSection(**{**DATA.__dict__, **data}))
     section = EncoderSection(checkpoint=str(ckpt) if ckpt else None, arch=ARCH, num_heads=4)
     ident = model_identity(section, 0, cache)
-    return load_or_extract(ds, ident, make or encoder, layers, cache, SINGLE, batch_size=32)
+    return load_or_extract(
+        ds, ident, make or encoder, layers, cache, SINGLE, batch_size=32, **(options or {})
+    )
 
 
 def test_concat4_cached_features_equal_direct_computation(digits, tmp_path):
@@ -101,11 +104,18 @@ def test_corrupt_cache_is_reextracted_with_a_warning(digits, tmp_path, caplog):
     reference = np.array(good.feats)
     path = good.path / "features.npy"
     raw = bytearray(path.read_bytes())
-    raw[-7] ^= 0xFF  # one flipped byte in the data
+    raw[-7] ^= 0xFF  # one flipped byte in the data: only the full check (re-hash) sees it
     path.write_bytes(bytes(raw))
+    assert features(digits, tmp_path, make=never_built).reused  # O(1) check: sizes, headers
+    with caplog.at_level(logging.WARNING, logger="ijepa_toolkit"):
+        again = features(digits, tmp_path, options={"verify": "full"})
+    assert not again.reused and "does not match its checksum" in caplog.text
+    np.testing.assert_array_equal(again.feats, reference)
+    path.write_bytes(path.read_bytes()[:-4])  # truncated: the default check sees it
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ijepa_toolkit"):
         again = features(digits, tmp_path)
-    assert not again.reused and "corrupt" in caplog.text
+    assert not again.reused and "features.npy" in caplog.text
     np.testing.assert_array_equal(again.feats, reference)
     (good.path / "labels.npy").write_bytes(b"garbage")
     assert not features(digits, tmp_path).reused

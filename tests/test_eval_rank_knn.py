@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ijepa_toolkit.eval.knn import knn_scores, top_k, topk_accuracy
+from ijepa_toolkit.eval.knn import knn_features, knn_scores, top_k
+from ijepa_toolkit.eval.metrics import topk_accuracy
 from ijepa_toolkit.eval.rank import lidar, rankme
 
 
@@ -78,7 +80,32 @@ def test_pruned_top_k_is_exact(n):
     assert (idx.sort(dim=1).values.diff(dim=1) > 0).all()  # distinct columns
 
 
-def test_topk_accuracy():
-    scores = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3], [0.2, 0.3, 0.5]])
-    acc = topk_accuracy(scores, torch.tensor([1, 2, 0]), topk=(1, 2))
-    assert acc[1] == pytest.approx(100 / 3) and acc[2] == pytest.approx(200 / 3)
+def test_knn_features_top1_top5_match_votes_by_hand():
+    g = torch.Generator().manual_seed(0)
+    x_tr, x_te = torch.randn(300, 8, generator=g), torch.randn(90, 8, generator=g)
+    y_tr, y_te = torch.randint(0, 7, (300,), generator=g), torch.randint(0, 7, (90,), generator=g)
+    metrics = knn_features(x_tr, y_tr, x_te, y_te, ks=(3, 20), temperature=0.1)
+    sims = F.normalize(x_te, dim=1).double() @ F.normalize(x_tr, dim=1).double().T
+    for k in (3, 20):
+        top = sims.topk(k, dim=1)
+        votes = torch.zeros(90, 7, dtype=torch.float64).scatter_add_(
+            1, y_tr[top.indices], torch.exp(top.values / 0.1)
+        )
+        ranked = votes.argsort(dim=1, descending=True)
+        top5 = (ranked[:, :5] == y_te[:, None]).any(dim=1).double().mean() * 100
+        assert metrics[f"top1@k{k}"] == pytest.approx(
+            float((ranked[:, 0] == y_te).double().mean() * 100)
+        )
+        if k == 20:  # at k=3 most classes have no vote: their order in the top 5 is a tie
+            assert metrics[f"top5@k{k}"] == pytest.approx(float(top5))
+
+
+def test_topk_accuracy_is_exact_percent_of_counts_with_ties_as_topk():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 4, (997, 6), generator=g).float()  # many ties
+    labels = torch.randint(0, 6, (997,), generator=g)
+    ranked = scores.topk(5, dim=1).indices  # the tie order every top-k in the toolkit uses
+    acc = topk_accuracy(scores, labels, (1, 2, 5))
+    for k in (1, 2, 5):
+        hits = int((ranked[:, :k] == labels[:, None]).any(dim=1).sum())
+        assert acc[k] == 100.0 * hits / 997  # exact, float64

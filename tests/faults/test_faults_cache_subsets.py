@@ -6,19 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ijepa_toolkit.data.digits import build_digits_imagefolder
+from ijepa_toolkit.eval import knn as knn_eval
+from ijepa_toolkit.eval import logistic as logistic_eval
 
 from .common import REPO
-
-sys.path.insert(0, str(REPO))
-import knn_eval  # noqa: E402
-import logistic_eval  # noqa: E402
 
 
 class Payload:
@@ -52,15 +49,15 @@ def poison(entry: Path, marker: Path) -> None:
 
 
 def test_pickled_feature_cache_is_never_executed_and_is_reextracted(digits_args, tmp_path):
-    args = ["--fname", str(REPO / "configs/knn/digits.yaml"), *digits_args]
-    knn_eval.main([*args, f"logging.folder={tmp_path / 'first'}"])
+    args = ["--fname", "knn/digits", *digits_args]
+    assert knn_eval.main([*args, f"logging.folder={tmp_path / 'first'}"]) == 0
     first = json.loads((tmp_path / "first" / "results.json").read_text())
     entries = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     assert len(entries) == 2  # train and val
     marker = tmp_path / "pwned"
     for entry in entries:
         poison(entry, marker)
-    knn_eval.main([*args, f"logging.folder={tmp_path / 'second'}"])
+    assert knn_eval.main([*args, f"logging.folder={tmp_path / 'second'}"]) == 0
     assert not marker.exists(), "a pickle in the feature cache was executed"
     second = json.loads((tmp_path / "second" / "results.json").read_text())
     assert second["metrics"] == first["metrics"]
@@ -74,11 +71,9 @@ def test_subset_file_with_unknown_names_is_one_error_line(digits_args, tmp_path,
     known = sorted(p.name for p in (train / "0").iterdir())[:2]
     listing = tmp_path / "1percent.txt"
     listing.write_text("\n".join([*known, "n01440764_10026.JPEG", "../../etc/passwd"]) + "\n")
-    args = ["--fname", str(REPO / "configs/logistic/digits.yaml"), *digits_args,
+    args = ["--fname", "logistic/digits", *digits_args,
             f"subset.file={listing}", f"logging.folder={tmp_path / 'r'}"]  # fmt: skip
-    with pytest.raises(SystemExit) as exc:
-        logistic_eval.main(args)
-    assert exc.value.code == 2
+    assert logistic_eval.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (f"error: {listing}: 2 of 4 listed images are not in the dataset, e.g. "
                        "n01440764_10026.JPEG, ../../etc/passwd")  # fmt: skip

@@ -4,14 +4,13 @@ Layer specs: ``last`` is the mean of the final-norm tokens (the official pooling
 ``concat4`` the last 4 blocks, each through the final norm and averaged over tokens,
 concatenated (the VISSL protocol of the I-JEPA paper), (N, 4*D).
 
-The cache key is a SHA-256 of: the checkpoint content (or arch + seed for a random init), the
-sub-model and loading options, the layer spec, the transform's ``repr`` and the dataset listing
-(class names, relative paths, file sizes). Each entry is a folder ``<cache_dir>/<key>/`` with
-``features.npy`` (float32, memory-mapped), ``labels.npy`` (int64, -1 for an unreadable image)
-and ``meta.json`` (the key's parts and a SHA-256 of both arrays, checked when reused). Extraction
-streams batches into the memory-mapped file, so memory does not grow with the dataset; under
-torchrun each rank extracts a contiguous slice into the same file, and rank 0 publishes the entry
-with an atomic rename.
+The cache key is a SHA-256 of everything that changes the numbers: the checkpoint content (or
+arch + seed for a random init), the sub-model and loading options, the layer spec, the
+transform's ``repr``, the effective precision and the device type, ``FEATURE_CODE_VERSION`` and
+the dataset listing (class names; relative path, class and content stamp of every image: size
+and mtime under the resolved folder, or with ``features.hash_images`` a SHA-256 of each file).
+The on-disk layout (entries, per-key lock, chunked resumable partials) is ``eval/cache.py``.
+Under torchrun the ranks of one job split the chunks of one entry between them.
 """
 
 from __future__ import annotations
@@ -21,11 +20,10 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,17 +31,28 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import EncoderSection
 from ..data.folder import SafeImageFolder, collate_skip_none
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, transform_checks
 from ..engine.distributed import DistInfo, all_reduce_sum, barrier
-from ..engine.logger import write_json_atomic
 from ..engine.utils import autocast, progress
+from ..errors import ConfigError, UserError
 from ..models.heads import feature_dim, pooled_features
+from .cache import (
+    EntryLock,
+    PartialEntry,
+    checkpoint_digest,
+    chunk_bounds,
+    chunk_rows,
+    discard_entry,
+    file_sha256,
+    open_entry,
+)
 
 logger = logging.getLogger("ijepa_toolkit")
 
 LAYERS = {"last": "avg", "concat4": "concat4"}  # layer spec -> models.heads pooling
-CACHE_VERSION = 1
-HASH_CHUNK = 1 << 24
+FEATURE_CODE_VERSION = 2  # bump when a change to the feature code changes the numbers
+POLL_S = 0.5  # seconds between attempts at another writer's lock
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -57,60 +66,41 @@ class EvalDataSection:
     val_folder: str = ""
     img_size: int = 224
     crop_ratio: float = 0.875  # resize to img_size / crop_ratio before the center crop
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"  # of that resize
     mean: list[float] = dataclasses.field(default_factory=lambda: list(IMAGENET_MEAN))
     std: list[float] = dataclasses.field(default_factory=lambda: list(IMAGENET_STD))
     batch_size: int = 128  # images per extraction batch, per rank
     num_workers: int = 4
+
+    def checks(self) -> list[tuple[str, Any, bool, str]]:
+        return [
+            *transform_checks(self.img_size, self.crop_ratio),
+            ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
+            ("num_workers", self.num_workers, self.num_workers >= 0, ">= 0"),
+        ]
 
 
 @dataclass
 class FeaturesSection:
     """Which features and where they are cached."""
 
-    layers: str = "last"  # last | concat4
+    layers: Literal["last", "concat4"] = "last"  # see the module docstring
     cache_dir: str = "cache/features"
+    verify: Literal["size", "full"] = "size"  # reuse check: O(1) headers and sizes, or re-hash all
+    hash_images: bool = False  # key images by a SHA-256 of their bytes, not their size and mtime
 
 
 @dataclass
 class FeatureSet:
-    """Features of the readable images of a split: ``feats`` (N, D) float32, ``labels`` (N,)."""
+    """Features of the readable images of a split: ``feats`` (N, D) float32, ``labels`` (N,).
+
+    ``path``: the cache entry they were read from (None when computed in memory)."""
 
     feats: np.ndarray
     labels: np.ndarray
     classes: list[str]
-    path: Path
-    reused: bool
-
-
-def file_sha256(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def checkpoint_digest(
-    path: Union[str, Path], cache_dir: Union[str, Path], remember: bool = True
-) -> str:
-    """SHA-256 of a checkpoint file, remembered by (path, size, mtime) so huge files hash once.
-
-    ``remember=False`` reads the memo but does not write it (ranks other than 0)."""
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    st = path.stat()
-    memo_path = Path(cache_dir) / "checkpoint_digests.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    if stamp not in memo:
-        memo[stamp] = file_sha256(path)
-        if remember:
-            write_json_atomic(memo, memo_path)
-    return memo[stamp]
+    path: Optional[Path] = None
+    reused: bool = False
 
 
 def model_identity(
@@ -124,14 +114,33 @@ def model_identity(
     return {"random_init": model.arch, "seed": seed, **opts}
 
 
-def dataset_listing(dataset: SafeImageFolder) -> dict:
-    """Class names and a SHA-256 of the (relative path, size, class) of every sample."""
-    root = Path(dataset.root)
+def dataset_listing(dataset: SafeImageFolder, hash_images: bool = False) -> dict:
+    """Class names and a SHA-256 of the (relative path, class, content stamp) of every sample.
+
+    The stamp is the file's size and mtime (ns), and the resolved folder is part of the listing
+    (another folder with the same names and sizes is another listing); with ``hash_images`` it
+    is a SHA-256 of the file's bytes and the folder's location does not matter."""
     h = hashlib.sha256()
     for path, target in dataset.samples:
-        rel = os.path.relpath(path, root)
-        h.update(f"{rel}\t{os.path.getsize(path)}\t{target}\n".encode())
-    return {"classes": list(dataset.classes), "num_samples": len(dataset), "files": h.hexdigest()}
+        try:
+            stamp = file_sha256(path) if hash_images else _size_mtime(path)
+        except OSError:
+            stamp = "unreadable"
+        h.update(f"{os.path.relpath(path, dataset.root)}\t{target}\t{stamp}\n".encode())
+    listing = {
+        "classes": list(dataset.classes),
+        "num_samples": len(dataset),
+        "stamps": "sha256" if hash_images else "size+mtime",
+        "files": h.hexdigest(),
+    }
+    if not hash_images:
+        listing["root"] = str(Path(dataset.root).resolve())
+    return listing
+
+
+def _size_mtime(path: str) -> str:
+    st = os.stat(path)
+    return f"{st.st_size}\t{st.st_mtime_ns}"
 
 
 def build_eval_dataset(
@@ -139,8 +148,8 @@ def build_eval_dataset(
 ) -> SafeImageFolder:
     """A ``SafeImageFolder`` with the evaluation transform, optionally restricted to ``indices``."""
     if not folder:
-        raise ValueError("image folder not set: give data.train_folder and data.val_folder")
-    tf = eval_transform(data.img_size, data.crop_ratio, data.mean, data.std)
+        raise ConfigError("image folder not set: give data.train_folder and data.val_folder")
+    tf = eval_transform(data.img_size, data.crop_ratio, data.mean, data.std, data.interpolation)
     ds = SafeImageFolder(folder, transform=tf)
     if indices is not None:
         ds.samples = [ds.samples[i] for i in indices]
@@ -149,16 +158,29 @@ def build_eval_dataset(
     return ds
 
 
-def cache_key(identity: dict, layers: str, dataset: SafeImageFolder) -> tuple[str, dict]:
+def extraction_precision(device: torch.device, use_bfloat16: bool) -> str:
+    """The dtype extraction computes in: bf16 autocast on CUDA (``engine.utils.autocast``),
+    float32 elsewhere whatever ``use_bfloat16`` says."""
+    return "bfloat16" if device.type == "cuda" and use_bfloat16 else "float32"
+
+
+def cache_key(
+    identity: dict,
+    layers: str,
+    dataset: SafeImageFolder,
+    device: Optional[torch.device] = None,
+    use_bfloat16: bool = True,
+    hash_images: bool = False,
+) -> tuple[str, dict]:
     """(hex key, its parts) for features of ``dataset`` through the encoder ``identity``."""
-    if layers not in LAYERS:
-        raise ValueError(f"features.layers must be one of {list(LAYERS)}, got {layers!r}")
     parts = {
-        "version": CACHE_VERSION,
+        "version": FEATURE_CODE_VERSION,
         "model": identity,
         "layers": layers,
         "transform": repr(dataset.transform),
-        "dataset": dataset_listing(dataset),
+        "precision": extraction_precision(device or CPU, use_bfloat16),
+        "device": (device or CPU).type,
+        "dataset": dataset_listing(dataset, hash_images),
     }
     blob = json.dumps(parts, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:32], parts
@@ -179,10 +201,63 @@ class _Indexed(Dataset):
         return None if item is None else (item[0], item[1], j)
 
 
-def _broadcast_flag(flag: bool, dist_info: DistInfo) -> bool:
-    """Rank 0's ``flag`` on every rank."""
-    t = torch.tensor([int(flag) if dist_info.is_main else 0], device=dist_info.device)
-    return bool(all_reduce_sum(t).item())
+def _broadcast(value: int, dist_info: DistInfo) -> int:
+    """Rank 0's ``value`` on every rank."""
+    t = torch.tensor([value if dist_info.is_main else 0], device=dist_info.device)
+    return int(all_reduce_sum(t).item())
+
+
+def feature_batches(
+    encoder: torch.nn.Module,
+    loader: Iterable,
+    layers: str,
+    device: torch.device,
+    use_bfloat16: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(indices, (B, D) float32 features, (B,) targets)`` of each readable batch of ``loader``
+    (batches of ``(images, targets, indices)``, ``None`` when nothing was readable)."""
+    encoder = encoder.to(device).eval()
+    pool = LAYERS[layers]
+    for batch in loader:
+        if batch is None:
+            continue
+        images, targets, index = batch
+        with autocast(device, use_bfloat16):
+            out = pooled_features(encoder, images.to(device, non_blocking=True), pool)
+        yield index.numpy(), out.float().cpu().numpy(), targets.numpy()
+
+
+def _batch_images(batch: Optional[tuple]) -> int:
+    """The images of a collated ``(images, labels, indices)`` batch (0 for a skipped one)."""
+    return 0 if batch is None else len(batch[-1])
+
+
+@torch.inference_mode()
+def encode_folder(
+    encoder: torch.nn.Module,
+    folder: str,
+    data: Optional[EvalDataSection] = None,
+    layers: str = "last",
+    device: Optional[torch.device] = None,
+    use_bfloat16: bool = True,
+) -> FeatureSet:
+    """Features of the readable images of ``folder`` in memory, no cache (a Python caller's
+    encoder): ``data`` gives the evaluation transform and batch size. The global RNG is left
+    untouched, so a probe inside a training run does not change that run."""
+    data = data or EvalDataSection()
+    dataset = build_eval_dataset(folder, data)
+    loader = DataLoader(
+        _Indexed(dataset, range(len(dataset))), batch_size=data.batch_size,
+        num_workers=data.num_workers, collate_fn=collate_skip_none, generator=torch.Generator(),
+    )  # fmt: skip
+    device = device or next(encoder.parameters()).device
+    bar = progress(loader, f"features {folder}", len(dataset), unit="img", size=_batch_images)
+    parts = list(feature_batches(encoder, bar, layers, device, use_bfloat16))
+    if not parts:
+        raise UserError(f"{folder}: none of the {len(dataset)} images could be read")
+    order = np.argsort(np.concatenate([p[0] for p in parts]))
+    feats = np.concatenate([p[1] for p in parts])[order]
+    return FeatureSet(feats, np.concatenate([p[2] for p in parts])[order], list(dataset.classes))
 
 
 @torch.inference_mode()
@@ -195,64 +270,86 @@ def extract_to(
     batch_size: int = 128,
     num_workers: int = 0,
     use_bfloat16: bool = True,
+    chunk: Optional[int] = None,
+    key: str = "",
 ) -> None:
-    """Stream pooled features of ``dataset`` into ``folder/features.npy`` and ``labels.npy``.
+    """Write pooled features of ``dataset`` into the partial entry ``folder`` (``cache.py``),
+    chunk by chunk, skipping the chunks a killed earlier run already recorded.
 
-    Every rank calls this; each extracts a contiguous slice (bf16 autocast on CUDA).
+    Every rank calls this; the unfinished chunks are dealt round-robin to the ranks, each chunk
+    split into the same batches whatever the world size (bf16 autocast on CUDA). ``chunk``: rows
+    per chunk, a multiple of ``batch_size`` (default about ``cache.CHUNK_BYTES`` of features).
     """
     n, dim = len(dataset), feature_dim(encoder, LAYERS[layers])
+    partial = PartialEntry(folder, key)
     if dist_info.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(folder / "features.npy", "w+", np.float32, (n, dim)).flush()
-        labels = np.lib.format.open_memmap(folder / "labels.npy", "w+", np.int64, (n,))
-        labels[:] = -1
-        labels.flush()
-        del labels
+        partial.prepare(n, dim, chunk or chunk_rows(dim, batch_size))
     barrier()
-    feats_mm = np.load(folder / "features.npy", mmap_mode="r+")
-    labels_mm = np.load(folder / "labels.npy", mmap_mode="r+")
-    shard = np.array_split(np.arange(n), dist_info.world_size)[dist_info.rank]
+    plan, done = partial.plan(), partial.done()
+    barrier()  # every rank has read the same finished chunks before anyone records more
+    bounds = chunk_bounds(n, plan["chunk"])
+    todo = [i for i in range(len(bounds)) if i not in done]
+    if dist_info.is_main and done:
+        logger.info("resuming %s: %d of %d chunks already written", folder, len(done), len(bounds))
+    mine = todo[dist_info.rank :: dist_info.world_size]
+    batches = [list(range(s, min(s + batch_size, bounds[i][1])))
+               for i in mine for s in range(bounds[i][0], bounds[i][1], batch_size)]  # fmt: skip
     loader = DataLoader(
-        _Indexed(dataset, shard), batch_size=batch_size, num_workers=num_workers,
+        _Indexed(dataset, range(n)), batch_sampler=batches, num_workers=num_workers,
         collate_fn=collate_skip_none, pin_memory=dist_info.device.type == "cuda",
     )  # fmt: skip
-    encoder = encoder.to(dist_info.device).eval()
-    pool = LAYERS[layers]
-    bar = progress(loader, desc=f"features {layers}", enabled=dist_info.is_main)
-    for batch in bar:
-        if batch is None:
-            continue
-        images, targets, index = batch
-        with autocast(dist_info.device, use_bfloat16):
-            out = pooled_features(encoder, images.to(dist_info.device, non_blocking=True), pool)
-        feats_mm[index.numpy()] = out.float().cpu().numpy()
-        labels_mm[index.numpy()] = targets.numpy()
-    feats_mm.flush()
-    labels_mm.flush()
-    del feats_mm, labels_mm
+    bar = progress(loader, f"features {layers}", sum(bounds[i][1] - bounds[i][0] for i in mine),
+                   dist_info.is_main, "img", size=_batch_images)  # fmt: skip
+    out = feature_batches(encoder, bar, layers, dist_info.device, use_bfloat16)
+    _write_chunks(partial, plan, [(i, *bounds[i]) for i in mine], out)
     barrier()
 
 
-def _verify_entry(entry: Path, key: str) -> Optional[str]:
-    """None if ``entry`` is a complete cache entry for ``key``, else what is wrong with it."""
-    try:
-        meta = json.loads((entry / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        return f"meta.json unreadable ({e})"
-    if meta.get("key") != key:
-        return f"meta.json names key {meta.get('key')!r}"
-    for name in ("features", "labels"):
-        path = entry / f"{name}.npy"
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            return f"{path.name} unreadable ({e})"
-        if list(arr.shape) != meta.get(f"{name}_shape"):
-            return f"{path.name} has shape {list(arr.shape)}, not {meta.get(f'{name}_shape')}"
-        del arr
-        if file_sha256(path) != meta.get(f"{name}_sha256"):
-            return f"{path.name} content does not match its checksum"
-    return None
+def _write_chunks(
+    partial: PartialEntry,
+    plan: dict,
+    chunks: Sequence[tuple[int, int, int]],
+    batches: Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> None:
+    """Fill each ``(chunk, start, stop)`` from ``batches`` (in chunk order; the batches of an
+    unreadable chunk are missing, its labels stay -1) and record it."""
+    pending = next(batches, None)
+    for i, start, stop in chunks:
+        feats = np.zeros((stop - start, plan["dim"]), np.float32)
+        labels = np.full(stop - start, -1, np.int64)
+        while pending is not None and pending[0][0] < stop:
+            index, f, t = pending
+            feats[index - start], labels[index - start] = f, t
+            pending = next(batches, None)
+        partial.write_chunk(plan, i, feats, labels)
+
+
+def _claim(
+    entry: Path, lock: EntryLock, full: bool, dist_info: DistInfo
+) -> tuple[bool, Optional[tuple]]:
+    """Wait for the key's lock (rank 0; all ranks poll together so no collective times out).
+    ``(True, None)``: this job holds the lock and must extract; ``(False, arrays)``: another
+    writer published a sound entry meanwhile (arrays on rank 0), the lock is released."""
+    arrays, waited = None, False
+    while True:
+        state = 0  # 0: wait, 1: reuse, 2: extract
+        if dist_info.is_main and lock.try_acquire():
+            found = entry.exists()
+            arrays, problem = open_entry(entry, entry.name, full) if found else (None, None)
+            if arrays is not None:
+                lock.release()
+            elif problem:
+                logger.warning("feature cache %s is corrupt (%s); re-extracting", entry, problem)
+                discard_entry(entry)
+            state = 1 if arrays is not None else 2
+        elif dist_info.is_main and not waited:
+            logger.info("waiting for another process writing %s", entry)
+            waited = True
+        state = _broadcast(state, dist_info)
+        if state:
+            return state == 2, arrays
+        if dist_info.is_main:
+            time.sleep(POLL_S)
 
 
 def load_or_extract(
@@ -265,49 +362,74 @@ def load_or_extract(
     batch_size: int = 128,
     num_workers: int = 0,
     use_bfloat16: bool = True,
+    verify: str = "size",
+    hash_images: bool = False,
+    chunk: Optional[int] = None,
 ) -> FeatureSet:
     """Features of ``dataset`` from the cache, extracting (with ``make_encoder()``) on a miss.
 
-    A corrupt entry is re-extracted with a warning; an entry for another checkpoint, layer,
-    transform or listing has another key and is never read. Every rank must call this.
+    Safe with any number of concurrent processes on one key: one writer at a time (a per-key
+    lock), the others wait and reuse its entry; a killed writer's chunks are resumed by the next.
+    A corrupt entry is re-extracted with a warning (``verify="full"`` re-hashes every chunk).
+    Every rank must call this.
     """
-    key, parts = cache_key(identity, layers, dataset)
-    cache_dir = Path(cache_dir)
+    key, parts = cache_key(identity, layers, dataset, dist_info.device, use_bfloat16, hash_images)
+    cache_dir, full = Path(cache_dir), verify == "full"
     entry = cache_dir / key
-    problem = None
-    if dist_info.is_main and entry.exists():
-        problem = _verify_entry(entry, key)
-        if problem:
-            logger.warning("feature cache %s is corrupt (%s); re-extracting", entry, problem)
-            shutil.rmtree(entry)
-    hit = _broadcast_flag(dist_info.is_main and entry.exists() and not problem, dist_info)
-    if not hit:
-        partial = cache_dir / f".{key}.partial"
-        if dist_info.is_main and partial.exists():
-            shutil.rmtree(partial)
-        start = time.time()
-        logger.info("extracting %s features of %d images from %s", layers, len(dataset),
-                    dataset.root)  # fmt: skip
-        encoder = make_encoder()
-        extract_to(encoder, dataset, partial, layers, dist_info, batch_size, num_workers,
-                   use_bfloat16)  # fmt: skip
-        if dist_info.is_main:
-            meta = {"key": key, **parts, "extract_seconds": round(time.time() - start, 3)}
-            for name in ("features", "labels"):
-                path = partial / f"{name}.npy"
-                meta[f"{name}_shape"] = list(np.load(path, mmap_mode="r").shape)
-                meta[f"{name}_sha256"] = file_sha256(path)
-            write_json_atomic(meta, partial / "meta.json")
-            os.replace(partial, entry)
-        barrier()
-    else:
+    arrays = open_entry(entry, key, full)[0] if dist_info.is_main and entry.exists() else None
+    reused = bool(_broadcast(int(arrays is not None), dist_info))
+    if not reused:
+        lock = EntryLock(cache_dir, key)
+        must_extract, arrays = _claim(entry, lock, full, dist_info)
+        reused = not must_extract
+        if must_extract:
+            try:
+                _extract_entry(dataset, make_encoder, layers, entry, parts, dist_info, batch_size,
+                               num_workers, use_bfloat16, chunk)  # fmt: skip
+            finally:
+                lock.release()
+            arrays = None
+    if reused:
         logger.info("reusing cached features %s", entry)
-    feats = np.load(entry / "features.npy", mmap_mode="r")
-    labels = np.load(entry / "labels.npy")
+    if arrays is None:
+        arrays, problem = open_entry(entry, key)
+        if arrays is None:
+            raise UserError(f"feature cache {entry}: {problem}")
+    return _readable(dataset, entry, *arrays, reused)
+
+
+def _extract_entry(
+    dataset: SafeImageFolder,
+    make_encoder: Callable[[], torch.nn.Module],
+    layers: str,
+    entry: Path,
+    parts: dict,
+    dist_info: DistInfo,
+    batch_size: int,
+    num_workers: int,
+    use_bfloat16: bool,
+    chunk: Optional[int],
+) -> None:
+    """Extract (or finish) the partial entry of ``entry`` on every rank; rank 0 publishes it."""
+    start = time.time()
+    logger.info("extracting %s features of %d images from %s", layers, len(dataset), dataset.root)
+    partial = PartialEntry.of(entry.parent, entry.name)
+    extract_to(make_encoder(), dataset, partial.folder, layers, dist_info, batch_size,
+               num_workers, use_bfloat16, chunk, entry.name)  # fmt: skip
+    if dist_info.is_main:
+        partial.publish(entry, {**parts, "extract_seconds": round(time.time() - start, 3)})
+    barrier()
+
+
+def _readable(
+    dataset: SafeImageFolder, entry: Path, feats: np.ndarray, labels: np.ndarray, reused: bool
+) -> FeatureSet:
+    """The entry's readable rows (labels >= 0) as a ``FeatureSet``; an error if there are none."""
+    labels = np.array(labels)  # (N,) int64 in memory; the features stay memory-mapped
     readable = labels >= 0
     if not readable.any():
-        raise ValueError(f"{dataset.root}: none of the {len(labels)} images could be read")
+        raise UserError(f"{dataset.root}: none of the {len(labels)} images could be read")
     if not readable.all():
         logger.warning("%s: %d unreadable images left out", dataset.root, int((~readable).sum()))
         feats, labels = np.asarray(feats[readable]), labels[readable]
-    return FeatureSet(feats, labels, list(dataset.classes), entry, reused=hit)
+    return FeatureSet(feats, labels, list(dataset.classes), entry, reused=reused)

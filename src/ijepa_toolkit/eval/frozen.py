@@ -1,27 +1,89 @@
-"""Shared plumbing of the frozen-feature entrypoints: run setup, cached features, results."""
+"""Shared plumbing of the frozen-feature protocols (knn, logistic, linear, rank): the command
+line, run setup, cached features and ``results.json``.
+
+Each protocol module is ``<Protocol>Config`` + a Python function on objects + ``run(cfg)`` +
+``main(argv) -> int``; ``protocol_main`` is that ``main``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
-import sys
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..build import build_encoder
-from ..config import save_config
+from ..config import config_parser, parse_config, require_paths, save_config
 from ..data.folder import SafeImageFolder
 from ..data.subsets import SubsetSection, subset_of
 from ..engine.distributed import DistInfo, cleanup, init_distributed
-from ..engine.logger import RunLogger, setup_console_logging, write_results
-from .features import FeatureSet, build_eval_dataset, load_or_extract, model_identity
+from ..engine.logger import RunLogger, setup_console_logging
+from ..errors import ConfigError
+from ..formats import locate
+from ..runs import run_main, write_results
+from .features import (
+    FeatureSet,
+    build_eval_dataset,
+    load_or_extract,
+    model_identity,
+)
 
 logger = logging.getLogger("ijepa_toolkit")
 
 
-def start_run(cfg: Any, protocol: str, settings: dict) -> DistInfo:
-    """Process group, console logging, resolved ``config.yaml``; logs the protocol settings."""
+def protocol_main(
+    config_cls: type,
+    doc: str,
+    run: Callable[[Any, argparse.Namespace], Any],
+    argv: Optional[Sequence[str]] = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None,
+) -> int:
+    """Parse ``--fname NAME_OR_PATH [flags] key=value ...`` into ``config_cls`` and call
+    ``run(cfg, args)`` under ``runs.run_main``; returns the exit status (``--help``: 0, a bad
+    config or input: 2 with one ``error:`` line)."""
+    parser = config_parser(doc)
+    add_arguments(parser)
+
+    def work() -> None:
+        cfg, args = parse_config(config_cls, parser, argv)
+        run(cfg, args)
+
+    try:
+        return run_main(work, cleanup)
+    except SystemExit as e:  # argparse (--help, a bad flag) and parse_config's own exit
+        return e.code if isinstance(e.code, int) else 2
+
+
+def held_out_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, held-out) indices: ``fraction`` of each class held out (at least one per class with
+    two or more images), drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    fit, held = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n_held = min(max(1, int(round(fraction * len(idx)))), len(idx) - 1)
+        held.append(idx[:n_held])
+        fit.append(idx[n_held:])
+    return np.sort(np.concatenate(fit)), np.sort(np.concatenate(held))
+
+
+def start_run(
+    cfg: Any, protocol: str, settings: dict, folders: Sequence[str] = ("train_folder", "val_folder")
+) -> DistInfo:
+    """Checks that the image ``folders`` (``data.<key>``) and the checkpoint exist (before any
+    model is built), then the process group, console logging and the resolved ``config.yaml``;
+    logs the protocol settings."""
+    paths = [(f"data.{key}", getattr(cfg.data, key), "folder") for key in folders]
+    if cfg.model.checkpoint:  # a release / timm name, a transformers folder -> its file
+        found = locate(cfg.model.checkpoint)
+        if found != Path(cfg.model.checkpoint):
+            cfg.model.checkpoint = str(found)
+        paths.append(("model.checkpoint", cfg.model.checkpoint, "file"))
+    require_paths(paths)
     dist_info = init_distributed(cfg.meta.device)
     setup_console_logging(dist_info.is_main)
     if dist_info.is_main:
@@ -34,8 +96,6 @@ def subset_indices(folder: str, subset: SubsetSection) -> Optional[list[int]]:
     """Indices into the ImageFolder ``folder`` of ``subset``; None for the whole folder."""
     if not subset.file and subset.per_class <= 0:
         return None
-    if not folder:
-        raise ValueError("image folder not set: give data.train_folder")
     return subset_of(SafeImageFolder(folder), subset)
 
 
@@ -53,38 +113,37 @@ def split_features(
     return load_or_extract(
         dataset, identity, make_encoder, cfg.features.layers, cfg.features.cache_dir, dist_info,
         cfg.data.batch_size, cfg.data.num_workers, cfg.meta.use_bfloat16,
+        verify=cfg.features.verify, hash_images=cfg.features.hash_images,
     )  # fmt: skip
 
 
 def check_same_classes(train: FeatureSet, test: FeatureSet) -> None:
     if train.classes != test.classes:
-        raise ValueError(
-            f"train and test folders have different classes ({len(train.classes)} vs "
-            f"{len(test.classes)}: {train.classes[:3]}... vs {test.classes[:3]}...)"
+        raise ConfigError(
+            f"data.train_folder and data.val_folder have different classes "
+            f"({len(train.classes)} vs {len(test.classes)}: {train.classes[:3]}... vs "
+            f"{test.classes[:3]}...)"
         )
+
+
+def cache_settings(*splits: tuple[str, FeatureSet]) -> dict:
+    """``feature_cache`` (the cache folder) and ``cache_reused`` per split, for the settings."""
+    return {
+        "feature_cache": str(splits[0][1].path.parent),
+        "cache_reused": {name: fs.reused for name, fs in splits},
+    }
 
 
 def finish_run(cfg: Any, dist_info: DistInfo, protocol: str, metrics: dict, settings: dict) -> None:
     """``results.json`` and a ``log.jsonl`` row (main rank), the metrics on the console."""
-    if dist_info.is_main:
-        run_log = RunLogger(cfg.logging.folder, tensorboard=cfg.logging.tensorboard)
-        run_log.log(step=0, **{f"{protocol}/{k}": v for k, v in metrics.items()})
-        run_log.close()
-        write_results(
-            cfg.logging.folder, protocol, metrics, checkpoint=cfg.model.checkpoint,
-            which=cfg.model.which if cfg.model.checkpoint else "random_init",
-            features=cfg.features.layers, settings=settings,
-        )  # fmt: skip
-        print(f"{protocol} ({cfg.features.layers}): "
-              + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))  # fmt: skip
-
-
-def run_cli(run: Callable[[], None]) -> None:
-    """Run an entrypoint; bad input (files, subsets, checkpoints, values) is one ``error:`` line."""
-    try:
-        run()
-    except (OSError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        cleanup()
+    if not dist_info.is_main:
+        return
+    run_log = RunLogger(cfg.logging.folder, tensorboard=cfg.logging.tensorboard)
+    run_log.log(step=0, **{f"{protocol}/{k}": v for k, v in metrics.items()})
+    run_log.close()
+    write_results(
+        cfg.logging.folder, protocol, metrics, encoder_checkpoint=cfg.model.checkpoint,
+        which=cfg.model.which, settings=settings,
+    )  # fmt: skip
+    print(f"{protocol} ({cfg.features.layers}): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))  # fmt: skip

@@ -1,19 +1,49 @@
 """Weighted kNN classification on frozen features (the DINOv2 protocol).
 
+    python -m ijepa_toolkit.eval.knn --fname knn/digits [section.key=value ...]   # or ijepa-knn
+    torchrun --nproc_per_node 2 -m ijepa_toolkit.eval.knn --fname ...   # bank sharded across ranks
+
+From Python: ``knn(encoder, train_folder, val_folder)`` (an encoder object) or
+``knn_features(train_feats, train_labels, test_feats, test_labels)`` (features you have).
+
 Features are L2-normalised; similarity is cosine; each of the top-k neighbours votes for its
-class with weight ``exp(sim / T)``. The test set is processed in chunks so memory stays bounded
-at ``chunk_size x N_train`` similarities. Under torch.distributed each rank may hold a slice of
+class with weight ``exp(sim / T)`` (DINOv2 facebookresearch/dinov2@b8931f7 ``dinov2/eval/knn.py``
+normalises these weights by a softmax over the neighbours: the same ranking). Top-1 is the
+``argmax`` of the class scores, the first class among exact ties, as DINOv2's torchmetrics metric;
+top-5 ranks as ``torch.topk``. A k above the number of training images uses them all: the
+requested k stays in the metric key, ``effective_k`` is in the settings, with a warning.
+
+The test set is processed in chunks so memory stays bounded at ``chunk_size x N_train``
+similarities. Under torch.distributed each rank may hold a slice of
 the training bank (``sharded=True``): ranks exchange only their top-k candidates per test row.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..config import EncoderSection, LoggingSection, MetaSection
+from ..engine.utils import progress
+from .features import EvalDataSection, FeaturesSection, encode_folder
+from .frozen import (
+    cache_settings,
+    check_same_classes,
+    finish_run,
+    protocol_main,
+    split_features,
+    start_run,
+)
+from .metrics import topk_accuracy
+
+logger = logging.getLogger("ijepa_toolkit")
 DEFAULT_KS = (10, 20, 100, 200)
 PRUNE_BLOCK = 16
 
@@ -91,7 +121,9 @@ def knn_scores(
     max_k = min(ks[-1], n_total)
     out = {k: [] for k in ks}
     buffer = None  # one (chunk, N_train) similarity block, reused: no page faults per chunk
-    for start in range(0, test_feats.shape[0], chunk_size):
+    starts = range(0, test_feats.shape[0], chunk_size)
+    for start in progress(starts, "knn", test_feats.shape[0], unit="img",
+                          size=lambda s: min(chunk_size, test_feats.shape[0] - s)):  # fmt: skip
         test = F.normalize(test_feats[start : start + chunk_size].float().to(train.device), dim=1)
         if buffer is None or buffer.shape[0] != test.shape[0]:
             buffer = torch.empty(test.shape[0], n_train, device=train.device)
@@ -111,15 +143,133 @@ def knn_scores(
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def topk_hits(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict:
-    """Number of rows of (N, C) ``scores`` whose label is among the ``k`` highest, for each k."""
-    labels = labels.to(scores.device).long()
-    ranked = scores.topk(min(max(topk), scores.shape[1]), dim=1).indices
-    hits = ranked == labels[:, None]
-    return {k: int(hits[:, :k].any(dim=1).sum()) for k in topk}
+def knn_features(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = 0.07,
+    num_classes: Optional[int] = None,
+    chunk_size: int = 1024,
+    sharded: bool = False,
+) -> dict[str, float]:
+    """``{"top1@k<k>": %, "top5@k<k>": %}`` of the weighted kNN classifier for each k in ``ks``.
+
+    (N_train, D) / (N_train,) training features and labels, (N_test, D) / (N_test,) test ones
+    (tensors or arrays). ``num_classes`` defaults to the largest label + 1 (give it when
+    ``sharded``: every rank passes its own slice of the training bank, see ``knn_scores``).
+    """
+    train_feats, train_labels, test_feats, test_labels = (
+        torch.as_tensor(np.asarray(x)) if not torch.is_tensor(x) else x
+        for x in (train_feats, train_labels, test_feats, test_labels)
+    )
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    scores = knn_scores(train_feats, train_labels, test_feats, num_classes, ks, temperature,
+                        chunk_size, sharded)  # fmt: skip
+    metrics = {}
+    for k, s in scores.items():
+        acc = topk_accuracy(s, test_labels, (1, 5), top1="argmax")
+        metrics[f"top1@k{k}"], metrics[f"top5@k{k}"] = acc[1], acc[5]
+    return metrics
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict:
-    """Percent of rows whose label is among the ``k`` highest scores, for each k in ``topk``."""
-    hits = topk_hits(scores, labels, topk)
-    return {k: 100.0 * hits[k] / len(labels) for k in topk}
+def effective_ks(ks: Sequence[int], n_train: int) -> tuple[dict[str, int], list[str]]:
+    """(``{"<k>": k used}``, warnings): each k above ``n_train`` training images uses them all."""
+    used = {str(k): min(k, n_train) for k in sorted(set(ks))}
+    warnings = [
+        f"knn.ks: k={k} but only {n_train} training images; top1@k{k}/top5@k{k} use k={n_train}"
+        for k, e in used.items() if e < int(k)
+    ]  # fmt: skip
+    for w in warnings:
+        logger.warning(w)
+    return used, warnings
+
+
+def knn(
+    encoder: torch.nn.Module,
+    train_folder: str,
+    val_folder: str,
+    ks: Sequence[int] = DEFAULT_KS,
+    temperature: float = 0.07,
+    layers: str = "last",
+    **data_options: Any,
+) -> dict[str, float]:
+    """Weighted kNN top-1/top-5 (%) of ``encoder``'s features of two image folders (no cache).
+
+    ``data_options`` are ``EvalDataSection`` fields (``img_size``, ``crop_ratio``, ``mean``,
+    ``std``, ``batch_size``, ``num_workers``): the evaluation transform; the encoder runs on
+    the device it is on.
+    """
+    data = EvalDataSection(**data_options)
+    train = encode_folder(encoder, train_folder, data, layers)
+    test = encode_folder(encoder, val_folder, data, layers)
+    check_same_classes(train, test)
+    effective_ks(ks, len(train.labels))
+    return knn_features(train.feats, train.labels, test.feats, test.labels, ks, temperature,
+                        num_classes=len(train.classes))  # fmt: skip
+
+
+@dataclass
+class KNNSection:
+    ks: list[int] = dataclasses.field(default_factory=lambda: list(DEFAULT_KS))  # neighbours
+    temperature: float = 0.07  # T of the exp(sim / T) vote weights
+    chunk_size: int = 1024  # test rows per similarity block: memory chunk_size x N_train/rank
+
+    def checks(self) -> list[tuple[str, Any, bool, str]]:
+        return [
+            ("ks", self.ks, bool(self.ks) and min(self.ks) >= 1, "a non-empty list of ints >= 1"),
+            ("temperature", self.temperature, self.temperature > 0, "> 0"),
+            ("chunk_size", self.chunk_size, self.chunk_size >= 1, ">= 1"),
+        ]
+
+
+@dataclass
+class KNNConfig:
+    meta: MetaSection = dataclasses.field(default_factory=MetaSection)
+    data: EvalDataSection = dataclasses.field(default_factory=EvalDataSection)
+    model: EncoderSection = dataclasses.field(default_factory=EncoderSection)
+    features: FeaturesSection = dataclasses.field(default_factory=FeaturesSection)
+    knn: KNNSection = dataclasses.field(default_factory=KNNSection)
+    logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
+
+
+def run(cfg: KNNConfig) -> dict[str, float]:
+    """The kNN protocol of ``cfg`` on cached features; writes the run folder, returns metrics.
+
+    Under torchrun each rank holds a strided slice of the training bank."""
+    settings = {
+        "normalize": "l2", "similarity": "cosine", "weights": "exp(sim/T)",
+        "temperature": cfg.knn.temperature, "ks": cfg.knn.ks, "layers": cfg.features.layers,
+        "transform": f"resize {round(cfg.data.img_size / cfg.data.crop_ratio)} "
+        f"{cfg.data.interpolation}, "
+        f"center crop {cfg.data.img_size}, mean {cfg.data.mean}, std {cfg.data.std}",
+    }  # fmt: skip
+    dist_info = start_run(cfg, "knn", settings)
+    train = split_features(cfg, cfg.data.train_folder, dist_info)
+    test = split_features(cfg, cfg.data.val_folder, dist_info)
+    check_same_classes(train, test)
+    shard = slice(dist_info.rank, None, dist_info.world_size)  # this rank's part of the bank
+    metrics = knn_features(
+        torch.from_numpy(np.array(train.feats[shard])).to(dist_info.device),
+        torch.from_numpy(np.array(train.labels[shard])).to(dist_info.device),
+        torch.from_numpy(np.array(test.feats)), torch.from_numpy(test.labels), cfg.knn.ks,
+        cfg.knn.temperature, len(train.classes), cfg.knn.chunk_size, sharded=True,
+    )  # fmt: skip
+    used, warnings = effective_ks(cfg.knn.ks, len(train.labels))
+    settings.update(effective_k=used, warnings=warnings, top1_rule="argmax (DINOv2)")
+    settings.update(n_train=len(train.labels), n_test=len(test.labels),
+                    world_size=dist_info.world_size,
+                    **cache_settings(("train", train), ("test", test)))  # fmt: skip
+    finish_run(cfg, dist_info, "knn", metrics, settings)
+    return metrics
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m ijepa_toolkit.eval.knn --fname knn/digits [key=value ...]``: exit status."""
+    return protocol_main(KNNConfig, __doc__, lambda cfg, args: run(cfg), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,6 +15,8 @@ nproc=1
 if [ $# -gt 0 ] && [[ $1 =~ ^[0-9]+$ ]]; then nproc=$1; shift; fi
 here=$(cd "$(dirname "$0")" && pwd)
 python=${PYTHON:-python}
+# Bad input: one error line (exit 2) from one process, not one per worker from torchrun.
+"$python" "$here/main_finetuning.py" --check --fname "$config" "$@" || exit $?
 # One process and no rendezvous flags: a standalone group on a free local port.
 default_args="--standalone"
 exec "$python" -m torch.distributed.run ${TORCHRUN_ARGS:-$default_args} \

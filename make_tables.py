@@ -1,4 +1,4 @@
-"""Paper tables: ``python make_tables.py --fname configs/tables/X.yaml [--collect] [--dry-run]``.
+"""Paper tables: ``python make_tables.py --fname tables/X [--collect] [--dry-run]``.
 
 Runs the rows of the table whose run folder has no ``results.json`` (``--collect``: runs nothing),
 then prints and writes ``<table>.md`` and ``<table>.csv``: ours, the paper's value, the difference.

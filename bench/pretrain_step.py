@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from PIL import Image
 
 from ijepa_toolkit.config import load_config
 from ijepa_toolkit.engine.distributed import DistInfo
+from ijepa_toolkit.engine.utils import autocast
 from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for reference.py
@@ -42,10 +44,14 @@ REPO = Path(__file__).resolve().parents[1]
 class RefStep:
     """The official ``train_step`` (fp32 on the CPU): schedules, forward, AdamW, EMA loop."""
 
-    def __init__(self, trainer: Pretrainer):
-        self.encoder = RefEncoder.copy_of(trainer.encoder)
-        self.target = RefEncoder.copy_of(trainer.target_encoder)
-        self.predictor = RefPredictor.copy_of(trainer.predictor)
+    def __init__(self, trainer: Pretrainer, modules: Optional[tuple] = None):
+        """``modules``: the (encoder, target, predictor) to step (e.g. the official code's own);
+        default: official-style copies of the trainer's. bf16 autocast as the trainer's config."""
+        self.encoder, self.target, self.predictor = modules or (
+            RefEncoder.copy_of(trainer.encoder), RefEncoder.copy_of(trainer.target_encoder),
+            RefPredictor.copy_of(trainer.predictor),
+        )  # fmt: skip
+        self.device, self.bf16 = trainer.device, trainer.cfg.meta.use_bfloat16
         for p in self.target.parameters():
             p.requires_grad = False
         groups = [
@@ -65,13 +71,14 @@ class RefStep:
             g["lr"] = lr
             if not g.get("WD_exclude"):
                 g["weight_decay"] = wd
-        with torch.no_grad():
-            h = self.target(imgs)
-            h = F.layer_norm(h, (h.size(-1),))
-            h = ref_apply_masks(h, masks_pred)
-            h = ref_repeat_interleave_batch(h, len(imgs), repeat=len(masks_enc))
-        z = self.predictor(self.encoder(imgs, masks_enc), masks_enc, masks_pred)
-        loss = F.smooth_l1_loss(z, h)
+        with autocast(self.device, self.bf16):
+            with torch.no_grad():
+                h = self.target(imgs)
+                h = F.layer_norm(h, (h.size(-1),))
+                h = ref_apply_masks(h, masks_pred)
+                h = ref_repeat_interleave_batch(h, len(imgs), repeat=len(masks_enc))
+            z = self.predictor(self.encoder(imgs, masks_enc), masks_enc, masks_pred)
+            loss = F.smooth_l1_loss(z, h)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad()
@@ -83,21 +90,31 @@ class RefStep:
 
 
 # -- benchmark -------------------------------------------------------------------------------
-def make_trainer(model: str, batch: int, folder: Path) -> Pretrainer:
+def make_trainer(
+    model: str,
+    batch: int,
+    folder: Path,
+    size: int = 224,
+    extra: Sequence[str] = (),
+    device: Optional[torch.device] = None,
+) -> Pretrainer:
+    """A ``Pretrainer`` on ``batch`` random ``size``-px images; ``extra`` overrides come last."""
     data = folder / "images" / "x"
     data.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(batch):
-        Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+            data / f"{i}.png"
+        )
     overrides = [
         f"model.model_name={model}", "model.patch_size=16", "model.arch=null",
         "model.pred_depth=6", "model.pred_emb_dim=192", "mask.min_keep=10",
-        "data.dataset=imagefolder", f"data.root_path={folder / 'images'}", "data.crop_size=224",
+        "data.digits_root=null", f"data.train_folder={folder / 'images'}", f"data.crop_size={size}",
         f"data.batch_size={batch}", "logging.rankme_freq=0", "logging.tensorboard=false",
-        f"logging.folder={folder / 'run'}",
+        f"logging.folder={folder / 'run'}", *extra,
     ]  # fmt: skip
-    cfg = load_config(PretrainConfig, REPO / "configs/pretrain/tiny_cpu.yaml", overrides)
-    return Pretrainer(cfg, DistInfo())
+    cfg = load_config(PretrainConfig, "pretrain/tiny_cpu", overrides)
+    return Pretrainer(cfg, DistInfo(device=device or torch.device("cpu")))
 
 
 def interleaved_rates(fn_a, fn_b, iters: int) -> tuple[float, float]:

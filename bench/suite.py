@@ -9,18 +9,14 @@ default). Prints wall and CPU times of both and the ratios.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import knn_eval  # noqa: E402
-import logistic_eval  # noqa: E402
-import main_linprobe  # noqa: E402
-from ijepa_toolkit.data.digits import build_digits_imagefolder  # noqa: E402
+from ijepa_toolkit.data.digits import build_digits_imagefolder
+from ijepa_toolkit.eval import knn as knn_eval
+from ijepa_toolkit.eval import linear as main_linprobe
+from ijepa_toolkit.eval import logistic as logistic_eval
 
 ARCH = (
     "model.arch={{img_size: 64, patch_size: 8, embed_dim: {width}, depth: 12, num_heads: {heads}}}"

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from ijepa_toolkit.checkpoint import read_checkpoint
+from ijepa_toolkit.io.read import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "pretrain" / "tiny_cpu.yaml"
+CONFIG = REPO / "src/ijepa_toolkit/configs/pretrain/tiny_cpu.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
 
 
@@ -22,7 +22,7 @@ def tiny_overrides(digits: tuple[Path, Path], folder: Path, **extra) -> list[str
     """``key=value`` overrides: a width-32, depth-2 encoder, 3 epochs, logging into ``folder``."""
     train, val = digits
     opts = {
-        "data.dataset": "imagefolder", "data.root_path": str(train), "data.image_folder": "",
+        "data.train_folder": str(train), "data.digits_root": "null",
         "data.batch_size": 16, "data.knn_train_folder": str(train),
         "data.knn_val_folder": str(val), "model.arch": "{embed_dim: 32, depth: 2, num_heads: 4}",
         "model.pred_depth": 1, "model.pred_emb_dim": 16, "optimization.epochs": 3,
@@ -62,7 +62,7 @@ def tensors(obj, prefix=""):
 
 
 def killed_and_resumed(args: list[str], folder: Path, epochs: int) -> tuple[dict, str]:
-    """SIGKILL a run as soon as its first checkpoint exists, then resume it to the end.
+    """SIGKILL a run as soon as its first checkpoint exists, then ``--resume`` it to the end.
 
     Returns the checkpoint the kill left behind and the resumed run's output.
     """
@@ -77,7 +77,7 @@ def killed_and_resumed(args: list[str], folder: Path, epochs: int) -> tuple[dict
     assert not (folder / "results.json").exists(), "run finished before the kill"
     saved = read_checkpoint(ckpt)
     assert saved["epoch"] < epochs
-    out = finish(launch(args))
+    out = finish(launch([*args, "--resume"]))
     assert "resumed from" in out
     return saved, out
 

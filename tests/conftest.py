@@ -7,6 +7,7 @@ The checkpoint is a tiny ViT (width 64, 4 heads, depth 4, patch 8, 32x32 images,
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def fresh_toolkit_logger():
+    """Each test starts with the ``ijepa_toolkit`` logger as a new process has it: in-process
+    ``main()`` calls install a console handler that would otherwise print into later tests."""
+    log = logging.getLogger("ijepa_toolkit")
+    saved = (list(log.handlers), log.level, log.propagate)
+    yield
+    log.handlers[:] = saved[0]
+    log.setLevel(saved[1])
+    log.propagate = saved[2]
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""depth_eval.py end to end on rendered scenes with known depth: trains, beats the mean, resumes."""
+"""depth_eval.py end to end on rendered scenes with known depth: trains, beats the mean, resumes;
+a diverging loss is one line naming the last good checkpoint."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from ijepa_toolkit.configs import CONFIG_DIR
 from ijepa_toolkit.data.synthetic_depth import write_synthetic_nyu
 from ijepa_toolkit.engine.logger import read_jsonl
 from ijepa_toolkit.eval import depth
 from ijepa_toolkit.eval.depth import main
 
-CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "depth" / "tiny_synthetic.yaml")
+CONFIG = str(CONFIG_DIR / "depth" / "tiny_synthetic.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +55,12 @@ def mean_depth_baseline_rmse(root: Path) -> float:
 
 def test_probe_trains_end_to_end_and_beats_the_mean_depth(scenes, tmp_path):
     out = tmp_path / "run"
-    main(["--fname", CONFIG, f"data.root={scenes}", f"logging.folder={out}",
-          "logging.tensorboard=false"])  # fmt: skip
+    assert main(["--fname", CONFIG, f"data.train_folder={scenes}", f"logging.folder={out}",
+                 "logging.tensorboard=false"]) == 0  # fmt: skip
     res = json.loads((out / "results.json").read_text())
-    assert res["protocol"] == "depth"
+    assert res["protocol"] == "depth" and res["encoder_checkpoint"] is None
+    assert res["which"] == "random_init"
+    assert res["output_checkpoint"] == str(out / "checkpoint-last.pth")
     assert set(res["metrics"]) == {"d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log",
                                    "log10", "silog"}  # fmt: skip
     assert all(math.isfinite(v) for v in res["metrics"].values())
@@ -79,10 +83,10 @@ def test_probe_trains_end_to_end_and_beats_the_mean_depth(scenes, tmp_path):
 
 
 def test_resume_after_a_crash_ends_with_the_same_head(scenes, tmp_path, monkeypatch):
-    common = ["--fname", CONFIG, f"data.root={scenes}", "probe.head=bins", "eval.flip_tta=true",
-              "optimization.epochs=2", "optimization.batch_size=32", "logging.tensorboard=false",
-              "eval.visualisations=0"]  # fmt: skip
-    main([*common, f"logging.folder={tmp_path / 'straight'}"])
+    common = ["--fname", CONFIG, f"data.train_folder={scenes}", "probe.head=bins",
+              "eval.flip_tta=true", "optimization.epochs=2", "optimization.batch_size=32",
+              "logging.tensorboard=false", "eval.visualisations=0"]  # fmt: skip
+    assert main([*common, f"logging.folder={tmp_path / 'straight'}"]) == 0
 
     real_epoch, calls = depth.train_one_epoch, []
 
@@ -93,11 +97,10 @@ def test_resume_after_a_crash_ends_with_the_same_head(scenes, tmp_path, monkeypa
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(depth, "train_one_epoch", crash_in_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        main([*common, f"logging.folder={tmp_path / 'cut'}"])
+    assert main([*common, f"logging.folder={tmp_path / 'cut'}"]) == 130  # interrupted
     monkeypatch.setattr(depth, "train_one_epoch", real_epoch)
     assert torch.load(tmp_path / "cut" / "checkpoint-last.pth", weights_only=True)["epoch"] == 1
-    main([*common, f"logging.folder={tmp_path / 'cut'}", "--resume"])
+    assert main([*common, f"logging.folder={tmp_path / 'cut'}", "--resume"]) == 0
 
     a = torch.load(tmp_path / "straight" / "checkpoint-last.pth", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoint-last.pth", weights_only=True)
@@ -113,22 +116,42 @@ def test_bad_input_is_one_error_line(scenes, tmp_path, capsys):
     split = tmp_path / "nyu_test.txt"
     lines = (scenes / "nyu_test.txt").read_text().splitlines()
     split.write_text("\n".join([*lines[:2], "test/gone.jpg test/gone.png 51.2"]) + "\n")
-    with pytest.raises(SystemExit) as exc:
-        main(["--fname", CONFIG, f"data.root={scenes}", f"data.test_split={split}",
-              f"logging.folder={tmp_path / 'r'}"])  # fmt: skip
-    assert exc.value.code == 2
+    status = main(["--fname", CONFIG, f"data.train_folder={scenes}", f"data.test_split={split}",
+                   f"logging.folder={tmp_path / 'r'}"])  # fmt: skip
+    assert status == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "2 listed file(s) missing, e.g. line 3:" in err
-    with pytest.raises(SystemExit):
-        main(["--fname", CONFIG, f"data.root={scenes}", "probe.blocks=[0, 1, 2, 9]",
-              f"logging.folder={tmp_path / 'r'}"])  # fmt: skip
+    assert main(["--fname", CONFIG, f"data.train_folder={scenes}", "probe.blocks=[0, 1, 2, 9]",
+                 f"logging.folder={tmp_path / 'r'}"]) == 2  # fmt: skip
     assert "probe.blocks=[0, 1, 2, 9]" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--fname", CONFIG, "data.crop_size=[40]", f"logging.folder={tmp_path / 'r'}"])
+    assert main(["--fname", CONFIG, "data.crop_size=[40]", f"logging.folder={tmp_path / 'r'}"]) == 2
     assert "error: data.crop_size=[40]: expected [height, width]" in capsys.readouterr().err
-    for key, value in (("eval.crop", "garg"), ("loss.silog_lambda", "2"), ("eval.batch_size", "0")):
-        with pytest.raises(SystemExit):  # refused before training, not at the evaluation after
-            main(["--fname", CONFIG, f"data.root={scenes}", f"{key}={value}",
-                  f"logging.folder={tmp_path / 'early'}"])  # fmt: skip
-        assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {key} must be")
+    for key, value in (("eval.crop", "garg"), ("loss.silog_lambda", "2"), ("eval.batch_size", "0"),
+                       ("data.train_folder", str(tmp_path / "nowhere"))):  # fmt: skip
+        # refused before training, not at the evaluation after
+        assert main(["--fname", CONFIG, f"data.train_folder={scenes}", f"{key}={value}",
+                     f"logging.folder={tmp_path / 'early'}"]) == 2  # fmt: skip
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and key in last and value in last, last
         assert not (tmp_path / "early" / "log.jsonl").exists()
+
+
+def test_nan_loss_is_one_error_line_naming_the_last_good_checkpoint(scenes, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--fname", CONFIG, f"data.train_folder={scenes}", f"logging.folder={out}",
+              "logging.tensorboard=false", "eval.visualisations=0"]  # fmt: skip
+    assert main([*common, "optimization.epochs=1"]) == 0
+    good = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    # resumed with an absurd lr: epoch 2's first update blows the head up, its next loss is nan
+    # (a resume refuses another lr when it can compare: the saved config is removed)
+    (out / "config.yaml").unlink()
+    assert main([*common, "optimization.epochs=3", "optimization.lr=1e30",
+                 "optimization.warmup_epochs=0", "--resume"]) == 1  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: loss is nan at step ")
+    assert not any("Traceback" in e for e in err)
+    assert err[-1].endswith(f"; stopping before the update (last good checkpoint: "
+                            f"{out / 'checkpoint-last.pth'})")  # fmt: skip
+    after = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert after["epoch"] == 1 and all(torch.equal(v, after["model"][k])
+                                       for k, v in good["model"].items())  # fmt: skip

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from ijepa_toolkit.eval.depth_metrics import (
+    METRICS,
     DepthMetricMeter,
+    bts_prediction,
     crop_box,
     depth_metrics,
     valid_mask,
@@ -90,3 +93,69 @@ def test_meter_averages_per_image_and_skips_all_invalid(caplog):
     assert meter.count == 2
     assert avg["rmse"] == pytest.approx((2 + 0) / 2)  # per image; pixel-pooled would be 1.0
     assert all(math.isfinite(v) for v in avg.values())
+
+
+def bts_reference(gt: np.ndarray, pred: np.ndarray, min_depth: float, max_depth: float) -> dict:
+    """BTS's evaluation of one image, written from cleinc/bts ``pytorch/bts_eval.py`` at commit
+    5e3406b35d1497b2e55d2dd600524d1f4efacaed (``eval`` and ``compute_errors``): the prediction
+    is clamped to [min_depth_eval, max_depth_eval], then inf -> max_depth_eval and NaN ->
+    min_depth_eval; valid pixels ``min_depth_eval < gt < max_depth_eval``."""
+    pred = pred.astype(np.float64).copy()
+    pred[pred < min_depth] = min_depth
+    pred[pred > max_depth] = max_depth
+    pred[np.isinf(pred)] = max_depth
+    pred[np.isnan(pred)] = min_depth
+    valid = np.logical_and(gt > min_depth, gt < max_depth)
+    g, p = gt[valid].astype(np.float64), pred[valid]
+    thresh = np.maximum(g / p, p / g)
+    err = np.log(p) - np.log(g)
+    return {
+        "d1": (thresh < 1.25).mean(), "d2": (thresh < 1.25**2).mean(),
+        "d3": (thresh < 1.25**3).mean(),
+        "abs_rel": np.mean(np.abs(g - p) / g), "sq_rel": np.mean((g - p) ** 2 / g),
+        "rmse": np.sqrt(((g - p) ** 2).mean()), "rmse_log": np.sqrt((err**2).mean()),
+        "log10": np.mean(np.abs(np.log10(p) - np.log10(g))),
+        "silog": np.sqrt(np.mean(err**2) - np.mean(err) ** 2) * 100,
+    }  # fmt: skip
+
+
+class FixedProbe(torch.nn.Module):
+    """Stands in for the depth probe: returns the given (1, 1, H, W) predictions in turn."""
+
+    def __init__(self, preds: list[torch.Tensor]):
+        super().__init__()
+        self.preds = iter(preds)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return next(self.preds)
+
+
+def test_nan_and_inf_predictions_follow_bts_and_are_counted():
+    """Before: one NaN pixel made that image's metrics and the dataset mean NaN."""
+    from ijepa_toolkit.eval.depth import DepthConfig, evaluate
+
+    gen = torch.Generator().manual_seed(0)
+    gts = [torch.rand(1, 1, 12, 16, generator=gen) * 9 + 0.5 for _ in range(2)]
+    preds = [g * (1 + 0.3 * torch.randn(g.shape, generator=gen)) for g in gts]
+    preds[0][0, 0, 2, 3], preds[0][0, 0, 5, 5], preds[0][0, 0, 7, 1] = math.nan, math.inf, -math.inf
+    preds[1][0, 0, 0, :4] = math.nan
+    cfg = DepthConfig()
+    cfg.eval.crop = "none"
+    lo, hi = cfg.data.min_depth, cfg.data.max_depth
+    batches = [{"image": torch.zeros(1, 3, 12, 16), "depth": g, "name": [f"img{i}"]}
+               for i, g in enumerate(gts)]  # fmt: skip
+    meter = evaluate(FixedProbe([p.clone() for p in preds]), batches, cfg, torch.device("cpu"))
+    refs = [bts_reference(g[0, 0].numpy(), p[0, 0].numpy(), lo, hi) for g, p in zip(gts, preds)]
+    got = meter.average()
+    for k in METRICS:
+        assert got[k] == pytest.approx((refs[0][k] + refs[1][k]) / 2, rel=1e-6, abs=1e-9), k
+    assert (meter.nonfinite_pixels, meter.nonfinite_images) == (7, 2)
+
+
+def test_bts_prediction_without_clamp_still_replaces_nan_and_inf():
+    pred = torch.tensor([math.nan, math.inf, -math.inf, 20.0, 1e-6], dtype=torch.float64)
+    out, bad = bts_prediction(pred, 1e-3, 10.0, clamp=False)
+    assert out.tolist() == [1e-3, 10.0, 10.0, 20.0, 1e-6]  # BTS's isinf line: both signs -> max
+    assert bad.tolist() == [True, True, True, False, False]
+    out, _ = bts_prediction(pred, 1e-3, 10.0)
+    assert out.tolist() == pytest.approx([1e-3, 10.0, 1e-3, 10.0, 1e-3])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -9,12 +10,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from ijepa_toolkit.checkpoint import save_checkpoint
 from ijepa_toolkit.data.digits import build_digits_imagefolder
 from ijepa_toolkit.data.folder import SafeImageFolder, collate_skip_none
 from ijepa_toolkit.data.transforms import eval_transform
-from ijepa_toolkit.engine.logger import RunLogger, read_jsonl, write_results
+from ijepa_toolkit.engine.logger import RunLogger, read_jsonl
 from ijepa_toolkit.engine.utils import rng_state, seed_everything, set_rng_state
+from ijepa_toolkit.io.save import save_checkpoint
 
 
 def test_run_logger_appends_and_survives_reopen(tmp_path):
@@ -36,12 +37,30 @@ def test_disabled_logger_writes_nothing(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_results_json(tmp_path):
+def test_results_json_has_one_schema(tmp_path):
     import json
 
-    write_results(tmp_path, "knn", {"top1@k20": 0.5}, checkpoint="c.pth")
+    import timm
+
+    from ijepa_toolkit.runs import write_results
+
+    write_results(tmp_path, "finetune", {"top1": 0.5}, encoder_checkpoint="c.pth",
+                  which="target_encoder", output_checkpoint="out.pth", settings={"lr": 1e-3},
+                  epochs=2)  # fmt: skip
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data == {"protocol": "knn", "metrics": {"top1@k20": 0.5}, "checkpoint": "c.pth"}
+    env = data.pop("environment")
+    encoder = {"path": os.path.abspath("c.pth"), "missing": True}
+    assert data.pop("inputs") == {"config": None, "data": {}, "encoder": encoder}  # no config.yaml
+    assert data == {"protocol": "finetune", "encoder_checkpoint": "c.pth",
+                    "which": "target_encoder", "output_checkpoint": "out.pth",
+                    "metrics": {"top1": 0.5}, "settings": {"lr": 1e-3}, "epochs": 2}  # fmt: skip
+    assert env["torch"] == torch.__version__ and env["timm"] == timm.__version__
+    assert env["threads"] == torch.get_num_threads() and env["device"].startswith(("cpu", "cuda"))
+    write_results(tmp_path, "pretrain", {"loss": 0.1}, encoder_checkpoint=None, which=None)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert (data["encoder_checkpoint"], data["which"], data["output_checkpoint"]) == (
+        None, "random_init", None
+    )  # fmt: skip
 
 
 def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
@@ -120,8 +139,8 @@ def test_training_state_resumes_weights_optimizer_and_rng(tmp_path):
 
 
 def test_resuming_into_a_changed_run_names_the_file_and_the_part(tmp_path):
-    from ijepa_toolkit.checkpoint import CheckpointError
     from ijepa_toolkit.engine.resume import load_training_state, save_training_state
+    from ijepa_toolkit.errors import CheckpointError
 
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

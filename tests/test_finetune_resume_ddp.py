@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ijepa_toolkit.configs import find_config
 from ijepa_toolkit.data.digits import build_digits_imagefolder
 from ijepa_toolkit.engine.logger import read_jsonl
 from ijepa_toolkit.finetune.run import main
@@ -31,8 +32,8 @@ def run_args(out: Path, data: Path, *extra: str) -> list:
     """``main_finetuning.py`` arguments: the tiny config on 100 digits, logging every step."""
     train, val = build_digits_imagefolder(data, size=32, per_class=10)
     return [
-        "--fname", str(REPO / "configs/finetune/tiny_cpu.yaml"), f"data.train_root={train}",
-        f"data.val_root={val}", "data.digits_root=null", f"logging.folder={out}",
+        "--fname", str(find_config("finetune/tiny_cpu")), f"data.train_folder={train}",
+        f"data.val_folder={val}", "data.digits_root=null", f"logging.folder={out}",
         "logging.log_freq=1", "logging.tensorboard=false", f"model.checkpoint={REPO}/"
         "tests/fixtures/ijepa_vit_p8_d64.pth.tar", *extra,
     ]  # fmt: skip
@@ -96,7 +97,8 @@ def test_ddp_and_accumulation_match_one_process_and_every_val_image_counts_once(
                    env=dict(env(), PYTHON=sys.executable), check=True, timeout=TIMEOUT,
                    capture_output=True)  # fmt: skip
     accum = tmp_path / "accum"  # 2 accumulated micro-batches of 8: the same steps again
-    main(run_args(accum, tmp_path / "d", *extra, "data.batch_size=8", "optimization.accum_iter=2"))
+    assert main(run_args(accum, tmp_path / "d", *extra, "data.batch_size=8",
+                         "optimization.accum_iter=2")) == 0  # fmt: skip
     curves = [[r["loss"] for r in read_jsonl(run / "log.jsonl") if "loss" in r]
               for run in (one, two, accum)]  # fmt: skip
     assert len(curves[0]) == len(curves[1]) == len(curves[2]) > 4

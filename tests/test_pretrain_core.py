@@ -4,7 +4,6 @@ DynTanh encoders (and their checkpoints), optimizer groups."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ijepa_toolkit import load_encoder, save_checkpoint
 from ijepa_toolkit.config import ConfigError, load_config
+from ijepa_toolkit.configs import CONFIG_DIR
 from ijepa_toolkit.export import timm_spec
 from ijepa_toolkit.masks.multiblock import MultiBlockMaskSampler
 from ijepa_toolkit.models.norms import DynTanh
@@ -20,7 +20,12 @@ from ijepa_toolkit.models.vit import EncoderArch, create_encoder
 from ijepa_toolkit.pretrain.model import ema_update_, encoder_arch, prediction_loss, targets_at
 from ijepa_toolkit.pretrain.schedules import Schedules, cosine_wd, ema_momentum, warmup_cosine_lr
 from ijepa_toolkit.pretrain.targets import TargetNorm
-from ijepa_toolkit.pretrain.train import PretrainConfig, check_values, param_groups
+from ijepa_toolkit.pretrain.train import (
+    PretrainConfig,
+    check_folders,
+    check_values,
+    param_groups,
+)
 
 
 def test_lr_schedule_start_warmup_end_and_middle_of_cosine():
@@ -89,7 +94,7 @@ def test_target_norms_against_direct_computation():
     assert torch.allclose(ln, (h - mu) / (var + 1e-5).sqrt(), atol=1e-5)
     flat = h.reshape(-1, 4)
     bn = TargetNorm("batchnorm", 4)(h)
-    std = (flat.var(0, unbiased=False) + 1e-5).sqrt()
+    std = flat.std(0)  # unbiased, over every token (no mask given), clamped at 1e-7
     assert torch.allclose(bn, (h - flat.mean(0)) / std, atol=1e-5)
     assert torch.equal(TargetNorm("none", 4)(h), h)
     run = TargetNorm("running_batchnorm", 4, momentum=0.99)
@@ -98,7 +103,7 @@ def test_target_norms_against_direct_computation():
     out = run(h2)
     f2 = h2.reshape(-1, 4)
     mean = 0.99 * flat.mean(0) + 0.01 * f2.mean(0)
-    sd = 0.99 * std + 0.01 * (f2.var(0, unbiased=False) + 1e-5).sqrt()
+    sd = 0.99 * std + 0.01 * f2.std(0)
     assert torch.allclose(out, (h2 - mean) / sd, atol=1e-5)
     assert set(run.state_dict()) == {"running_mean", "running_std", "initialized"}
 
@@ -188,7 +193,7 @@ def test_param_groups_exclude_biases_and_norms_from_weight_decay():
     assert all(g["weight_decay"] == 0.0 for g in groups if g.get("WD_exclude"))
 
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "pretrain").glob("*.yaml"))
+CONFIGS = sorted((CONFIG_DIR / "pretrain").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -217,6 +222,14 @@ def test_named_sizes_are_the_official_ones():
     ("optimization.ema", "[1.1, 1.0]"), ("model.stop_sigma", "-1"),
 ])  # fmt: skip
 def test_bad_pretraining_values_are_config_errors_naming_the_key(key, value):
-    cfg = load_config(PretrainConfig, CONFIGS[0], [f"{key}={value}"])
-    with pytest.raises(ConfigError, match=rf"^{key} must be "):
+    with pytest.raises(ConfigError, match=rf"^{key} must be "):  # when the config is built
+        load_config(PretrainConfig, CONFIGS[0], [f"{key}={value}"])
+
+
+def test_cross_section_and_folder_checks_name_the_key(tmp_path):
+    cfg = load_config(PretrainConfig, CONFIGS[0], ["mask.group_size=3"])  # batch 128
+    with pytest.raises(ConfigError, match=r"^mask.group_size must be a divisor of data.batch"):
         check_values(cfg)
+    cfg = load_config(PretrainConfig, CONFIGS[0], [f"data.train_folder={tmp_path / 'no'}"])
+    with pytest.raises(ConfigError, match=r"^data.train_folder must be an existing folder"):
+        check_folders(cfg)

@@ -3,6 +3,8 @@ NaN stop, exact resume after SIGKILL, 2-process DDP parity with one process."""
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import pytest
@@ -18,13 +20,13 @@ from _tiny_pretrain import (
 )
 
 from ijepa_toolkit import load_encoder, load_predictor
-from ijepa_toolkit.checkpoint import read_checkpoint
 from ijepa_toolkit.config import load_config
 from ijepa_toolkit.data.digits import build_digits_imagefolder
 from ijepa_toolkit.engine.distributed import DistInfo
 from ijepa_toolkit.engine.logger import read_jsonl
+from ijepa_toolkit.io.read import read_checkpoint
 from ijepa_toolkit.models.vit import encode_masked
-from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer, TrainingDiverged, pretrain
+from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer, main
 
 OFFICIAL_KEYS = {"encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss",
                  "batch_size", "world_size", "lr"}  # fmt: skip
@@ -74,16 +76,22 @@ def test_checkpoint_is_official_layout_and_loads_exactly(digits, tmp_path):
         assert torch.equal(pred(ctx, masks_x, masks), expected)
 
 
-def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(digits, tmp_path):
-    cfg = _cfg(digits, tmp_path, **{"optimization.epochs": 1, "logging.rankme_freq": 0})
-    pretrain(cfg, DistInfo())
+def test_nan_loss_is_one_error_line_and_keeps_last_good_checkpoint(digits, tmp_path, capsys):
+    args = ["--fname", str(CONFIG),
+            *tiny_overrides(digits, tmp_path, **{"optimization.epochs": 1,
+                                                 "logging.rankme_freq": 0})]  # fmt: skip
+    assert main(args) == 0
     before = read_checkpoint(tmp_path / "checkpoint-last.pth")
-    cfg.optimization.epochs = 3
-    cfg.optimization.start_lr = cfg.optimization.lr = 1e38  # blows the weights up
-    with pytest.raises(
-        TrainingDiverged, match=r"loss is (nan|inf).*checkpoint-last.pth \(epoch 1\)"
-    ):
-        pretrain(cfg, DistInfo())
+    # resumed with an lr that blows the weights up: a later loss is nan or inf (a resume refuses
+    # another lr when it can compare: the saved config is removed)
+    (tmp_path / "config.yaml").unlink()
+    blow_up = ["optimization.epochs=3", "optimization.start_lr=1e38", "optimization.lr=1e38"]
+    assert main([*args, *blow_up, "--resume"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in err)
+    assert re.fullmatch(r"error: loss is (nan|inf) at step \d+ \(epoch 2\); stopping before the "
+                        rf"update \(last good checkpoint: {re.escape(str(tmp_path))}/"
+                        r"checkpoint-last.pth\)", err[-1]), err[-1]  # fmt: skip
     after = read_checkpoint(tmp_path / "checkpoint-last.pth")
     assert after["epoch"] == 1
     for (k, a), (_, b) in zip(tensors(before["target_encoder"]), tensors(after["target_encoder"])):
@@ -101,7 +109,7 @@ def test_exact_resume_after_sigkill(digits, tmp_path):
         whole, killed, ("encoder", "predictor", "target_encoder", "opt", "target_norm")
     )
     rows = [r for r in read_jsonl(whole / "log.jsonl") if "epoch_loss" in r]
-    assert rows[-1]["epoch_loss"] < rows[0]["epoch_loss"]  # the loss goes down
+    assert len(rows) == 4 and all(math.isfinite(r["epoch_loss"]) for r in rows)
 
 
 def test_ddp_two_processes_match_one_process(digits, tmp_path):
@@ -131,7 +139,17 @@ def test_resuming_a_folder_written_by_another_model_is_one_error_line(digits, tm
     args = tiny_overrides(digits, tmp_path, **{"optimization.epochs": 1, "logging.rankme_freq": 0})
     assert main_pretrain.main(["--fname", str(CONFIG), *args]) == 0
     wider = [*args, "model.arch={embed_dim: 64, depth: 2, num_heads: 4}"]
-    assert main_pretrain.main(["--fname", str(CONFIG), *wider]) == 2
+    assert main_pretrain.main(["--fname", str(CONFIG), *wider]) == 2  # no --resume: refused
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {tmp_path} holds the outputs of another run (checkpoint-last.pth, "
+        "results.json, log.jsonl): pass --resume to continue it, --overwrite to replace it, or "
+        "use a new logging.folder"
+    )
+    assert main_pretrain.main(["--fname", str(CONFIG), *wider, "--resume"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: --resume: model.arch.embed_dim 32 -> 64 differ from ")
+    (tmp_path / "config.yaml").unlink()  # no saved config: the checkpoint itself does not fit
+    assert main_pretrain.main(["--fname", str(CONFIG), *wider, "--resume"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"error: {tmp_path / 'checkpoint-last.pth'}: its encoder state does "
                            "not fit this run's encoder")  # fmt: skip

@@ -33,7 +33,7 @@ def digits(tmp_path_factory):
 
 
 def _args(ckpt_path, digits, out, count):
-    return [f"model.checkpoint={ckpt_path}", "model.num_heads=4", f"data.folder={digits}",
+    return [f"model.checkpoint={ckpt_path}", "model.num_heads=4", f"data.val_folder={digits}",
             "data.img_size=32", "data.crop_ratio=1.0", f"data.count={count}",
             f"logging.folder={out}", "meta.device=cpu"]  # fmt: skip
 
@@ -52,7 +52,7 @@ def _patch_constant(panel):
 
 
 def _shows_the_inputs(panels, digits, count):
-    images = load_images(VizDataSection(folder=str(digits), img_size=32, crop_ratio=1.0,
+    images = load_images(VizDataSection(val_folder=str(digits), img_size=32, crop_ratio=1.0,
                                         count=count))  # fmt: skip
     for (left, _), img in zip(panels, to_uint8(images)):
         assert np.array_equal(left[::4, ::4], img)
@@ -146,5 +146,8 @@ def test_multiblock_losses_average_each_patch_over_the_blocks_covering_it(
             else:
                 assert math.isnan(got) and counts[i].flatten()[patch] == 0
     assert counts.max() > 1  # overlapping target blocks were averaged somewhere
-    with pytest.raises(ValueError, match="losses.masking must be one of"):
-        patch_losses(context_encoder, target_encoder, predictor, x, LossesSection(masking="x"))
+    from ijepa_toolkit.config import ConfigError, load_config
+    from ijepa_toolkit.viz import VizConfig
+
+    with pytest.raises(ConfigError, match=r"losses.masking.*one of \['block', 'multiblock'\]"):
+        load_config(VizConfig, None, ["losses.masking=x"])

@@ -1,13 +1,16 @@
-"""``make demo``: the whole toolkit on real images that ship with the install (no downloads).
+"""``make demo`` / ``ijepa-demo``: the whole toolkit on real images that ship with the install
+(no downloads), in ``runs/demo/`` under the current directory.
 
 1. scikit-learn's digits as a 32x32 ImageFolder (stratified train/val) and rendered depth scenes;
-2. a tiny I-JEPA pretrained on the training digits (``configs/demo/pretrain.yaml``);
+2. a tiny I-JEPA pretrained on the training digits (the shipped config ``demo/pretrain``);
 3. kNN, logistic regression and a linear probe on it and on the same architecture at random init;
 4. finetuning of both; 5. the depth probe on both;
 6. one Markdown table (protocol x {pretrained, random init}) and PNGs in ``runs/demo/``.
 
-Each step is a standalone command (printed before it runs). A step whose ``results.json``
-exists is reused, so a second run only rebuilds the table; ``--fresh`` reruns everything.
+Each step is a standalone command, ``python -m <toolkit module>`` (printed before it runs). A
+step whose ``results.json`` was made from the same encoder checkpoint, config and data is
+reused, so a second run only rebuilds the table; a stale one is run again (``--overwrite``), an
+interrupted training step continues (``--resume``); ``--fresh`` reruns everything.
 """
 
 from __future__ import annotations
@@ -21,38 +24,43 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
+from .run_folder import OUTPUTS, results_staleness
 from .tables import read_metric
 
-REPO = Path(__file__).resolve().parents[2]
 OUT = Path("runs/demo")
 CHECKPOINT = OUT / "pretrain" / "checkpoint-last.pth"
+# steps that own their run folder (run_folder.open_run): they take --resume / --overwrite
+OWNING = {"ijepa_toolkit.pretrain.train", "ijepa_toolkit.eval.linear",
+          "ijepa_toolkit.finetune.run", "ijepa_toolkit.eval.depth"}  # fmt: skip
 
 
 @dataclass
 class Row:
-    """One table row: an entrypoint and config, run for the pretrained and the random encoder."""
+    """One table row: a protocol module and its shipped ``demo/<config>``, run for the
+    pretrained and the random encoder."""
 
     label: str
     metric: str  # dotted key into results.json
     unit: str
-    script: str
+    module: str
     config: str
     folder: str  # under runs/demo
     higher_is_better: bool = True
 
 
 ROWS = [
-    Row("kNN (k=20, T=0.07)", "metrics.top1@k20", "top-1 %", "knn_eval.py", "knn", "knn"),
-    Row("logistic regression (cyanure)", "metrics.top1", "top-1 %", "logistic_eval.py",
-        "logistic", "logistic"),
-    Row("linear probe (BN + linear, LARS)", "metrics.top1", "top-1 %", "main_linprobe.py",
-        "linprobe", "linprobe"),
-    Row("finetuning (4 epochs)", "metrics.top1", "top-1 %", "main_finetuning.py", "finetune",
-        "finetune"),
-    Row("depth probe (rendered scenes)", "metrics.rmse", "RMSE m", "depth_eval.py", "depth",
-        "depth", higher_is_better=False),
+    Row("kNN (k=20, T=0.07)", "metrics.top1@k20", "top-1 %", "ijepa_toolkit.eval.knn", "knn",
+        "knn"),
+    Row("logistic regression (cyanure)", "metrics.top1", "top-1 %",
+        "ijepa_toolkit.eval.logistic", "logistic", "logistic"),
+    Row("linear probe (BN + linear, LARS)", "metrics.top1", "top-1 %",
+        "ijepa_toolkit.eval.linear", "linprobe", "linprobe"),
+    Row("finetuning (4 epochs)", "metrics.top1", "top-1 %", "ijepa_toolkit.finetune.run",
+        "finetune", "finetune"),
+    Row("depth probe (rendered scenes)", "metrics.rmse", "RMSE m", "ijepa_toolkit.eval.depth",
+        "depth", "depth", higher_is_better=False),
 ]  # fmt: skip
 ENCODERS = {
     "pretrained": [f"model.checkpoint={CHECKPOINT}"],
@@ -60,18 +68,32 @@ ENCODERS = {
 }
 
 
-def run(cmd: list[str], env: dict) -> None:
-    """Print and run one step from the repository root; stop the demo if it fails."""
-    shown = " ".join(["python", *cmd[1:]])
+def run(module: str, *args: str, env: dict) -> None:
+    """Print and run one step, ``python -m module args``, in the current directory; stop the
+    demo if it fails."""
+    shown = " ".join(["python", "-m", module, *args])
     print(f"\n$ {shown}", flush=True)
     start = time.time()
-    if subprocess.run(cmd, cwd=REPO, env=env).returncode != 0:
+    if subprocess.run([sys.executable, "-m", module, *args], env=env).returncode != 0:
         sys.exit(f"demo: step failed: {shown}")
     print(f"  ({time.time() - start:.1f}s)", flush=True)
 
 
-def done(folder: Path) -> bool:
-    return (REPO / folder / "results.json").is_file()
+def step(module: str, args: list, folder: Path, env: dict) -> None:
+    """Run ``python -m module args`` into ``folder`` unless its results.json still fits
+    (``run_folder.results_staleness``): a stale result is replaced, an interrupted run of a
+    folder-owning step continues."""
+    flags = []
+    if (folder / "results.json").is_file():
+        reason = results_staleness(folder, module, args)
+        if reason is None:
+            print(f"\n{folder}: up to date, reused", flush=True)
+            return
+        print(f"\n{folder}/results.json: {reason}; running again", flush=True)
+        flags = ["--overwrite"] if module in OWNING else []
+    elif module in OWNING and any((folder / name).exists() for name in OUTPUTS):
+        flags = ["--resume"]
+    run(module, *args, *flags, env=env)
 
 
 def metric(folder: Path, key: str) -> Optional[float]:
@@ -99,43 +121,48 @@ def table(runs: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_steps(env: dict) -> Path:
+    """Data, pretraining, every protocol for both encoders, the pictures; returns the plots
+    folder."""
+    data = OUT / "data"
+    run("ijepa_toolkit.data.digits", str(data / "digits"), "--size", "32", env=env)
+    if not (data / "synthetic_depth" / "nyu_test.txt").is_file():
+        run("ijepa_toolkit.data.synthetic_depth", str(data / "synthetic_depth"), env=env)
+    step("ijepa_toolkit.pretrain.train", ["--fname", "demo/pretrain"], OUT / "pretrain", env)
+    for row in ROWS:
+        for name, overrides in ENCODERS.items():
+            folder = OUT / row.folder / name.replace(" ", "_")
+            args = ["--fname", f"demo/{row.config}", *overrides, f"logging.folder={folder}"]
+            step(row.module, args, folder, env)
+    plots = OUT / "plots"
+    run("ijepa_toolkit.viz", "masks", "--fname", "demo/pretrain", "--steps", "1", "--images",
+        "8", "--out", str(plots), env=env)  # fmt: skip
+    run("ijepa_toolkit.viz", "pca", "--fname", "demo/visualize", env=env)
+    run("ijepa_toolkit.viz", "curve", str(OUT / "pretrain" / "log.jsonl"), "loss",
+        str(plots / "pretrain_loss.png"), env=env)  # fmt: skip
+    return plots
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m ijepa_toolkit.demo [--fresh]``: exit status 0 (a failed step exits)."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--fresh", action="store_true", help="rerun every step (keeps the data)")
     args = parser.parse_args(argv)
     start = time.time()
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    py = sys.executable
     if args.fresh:
         for sub in ("pretrain", "plots", "cache", *(r.folder for r in ROWS)):
-            shutil.rmtree(REPO / OUT / sub, ignore_errors=True)
-
-    data = OUT / "data"
-    run([py, "-m", "ijepa_toolkit.data.digits", str(data / "digits"), "--size", "32"], env)
-    if not (REPO / data / "synthetic_depth" / "nyu_test.txt").is_file():
-        run([py, "-m", "ijepa_toolkit.data.synthetic_depth", str(data / "synthetic_depth")], env)
-    if not done(OUT / "pretrain"):
-        run([py, "main_pretrain.py", "--fname", "configs/demo/pretrain.yaml"], env)
-    for row in ROWS:
-        for name, overrides in ENCODERS.items():
-            folder = OUT / row.folder / name.replace(" ", "_")
-            if not done(folder):
-                cmd = [py, row.script, "--fname", f"configs/demo/{row.config}.yaml",
-                       *overrides, f"logging.folder={folder}"]  # fmt: skip
-                run(cmd, env)
-    plots = OUT / "plots"
-    run([py, "visualize.py", "masks", "--fname", "configs/demo/pretrain.yaml", "--steps", "1",
-         "--images", "8", "--out", str(plots)], env)  # fmt: skip
-    run([py, "visualize.py", "pca", "--fname", "configs/demo/visualize.yaml"], env)
-    run([py, "visualize.py", "curve", str(OUT / "pretrain" / "log.jsonl"), "loss",
-         str(plots / "pretrain_loss.png")], env)  # fmt: skip
-
-    text = table(REPO / OUT)
-    (REPO / OUT / "table.md").write_text(text + "\n")
+            shutil.rmtree(OUT / sub, ignore_errors=True)
+    plots = run_steps(env)
+    text = table(OUT)
+    (OUT / "table.md").write_text(text + "\n")
     print(f"\n{text}\n")
     print(f"wrote {OUT}/table.md and {plots}/: pretrain_loss.png, masks_step0.png, pca.png")
     print(f"demo finished in {time.time() - start:.0f}s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

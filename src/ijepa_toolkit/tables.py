@@ -1,9 +1,15 @@
 """Paper tables: run (or collect) one protocol per row, print ours vs the paper's value.
 
-A table config (``configs/tables/*.yaml``) names metric columns and rows. Each row is one run of an
-entrypoint (``logistic_eval.py``, ``main_linprobe.py``, ...) on a checkpoint, with the value the
-paper reports and where it reports it. ``make_tables.py`` runs the rows whose run folder has no
-``results.json`` yet, then writes Markdown and CSV: ours, the paper's, and the difference.
+A table config (a shipped ``tables/<id>`` or a file) names metric columns and rows. Each row is
+one run of a protocol module (``python -m ijepa_toolkit.eval.linear``, ...) with a config (a
+shipped name such as ``linprobe/in1k``, or a file) on a checkpoint, with the value the paper
+reports and where it reports it. ``ijepa-tables`` (``make_tables.py``) runs the rows whose run
+folder has no ``results.json`` yet, then writes Markdown and CSV: ours, the paper's, and the
+difference. A ``results.json`` is used only while the encoder checkpoint, config and data it
+records match the row's (``run_folder.results_staleness``); a stale one is an error naming the
+row and its folder.
+
+    ijepa-tables --fname tables/ijepa_in1k [--collect] [--dry-run] [--out FOLDER]
 """
 
 from __future__ import annotations
@@ -20,18 +26,23 @@ import sys
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
-REPO = Path(__file__).resolve().parents[2]
-PROTOCOL_SCRIPTS = {
-    "logistic": "logistic_eval.py",
-    "linprobe": "main_linprobe.py",
-    "knn": "knn_eval.py",
-    "depth": "depth_eval.py",
-    "finetune": "main_finetuning.py",
+from .configs import find_config
+from .engine.logger import setup_console_logging
+from .engine.utils import progress
+from .errors import UserError
+from .run_folder import results_staleness
+
+PROTOCOL_MODULES = {
+    "logistic": "ijepa_toolkit.eval.logistic",
+    "linprobe": "ijepa_toolkit.eval.linear",
+    "knn": "ijepa_toolkit.eval.knn",
+    "depth": "ijepa_toolkit.eval.depth",
+    "finetune": "ijepa_toolkit.finetune.run",
 }
 MISSING = "—"
 
 
-class TableError(ValueError):
+class TableError(UserError):
     """A table config or a run folder that cannot be used; the message names the file and row."""
 
 
@@ -59,11 +70,11 @@ class Reported:
 
 @dataclasses.dataclass
 class TableRow:
-    """One run: ``protocol``'s entrypoint with ``--fname config``, the checkpoint and overrides."""
+    """One run: ``protocol``'s module with ``--fname config``, the checkpoint and overrides."""
 
     name: str
     protocol: Literal["logistic", "linprobe", "knn", "depth", "finetune"]
-    config: str
+    config: str  # a shipped config name (linprobe/in1k) or a file
     checkpoint: Optional[str] = None  # None: the protocol config's own model.checkpoint
     overrides: list[str] = dataclasses.field(default_factory=list)
     folder: Optional[str] = None  # run folder; default: <runs_root>/<table>/<slug of name>
@@ -108,6 +119,10 @@ def check_table(cfg: TableConfig, where: str) -> None:
         if s in seen:
             raise TableError(f"{where}: rows '{seen[s]}' and '{row.name}' share the folder '{s}'")
         seen[s] = row.name
+        try:
+            find_config(row.config)
+        except UserError as e:
+            raise TableError(f"{where}: row '{row.name}': {e}") from None
         for col in (*row.keys, *row.reported):
             if col not in names:
                 raise TableError(
@@ -120,15 +135,38 @@ def run_folder(cfg: TableConfig, table_id: str, row: TableRow) -> Path:
 
 
 def row_command(
-    cfg: TableConfig, table_id: str, row: TableRow, scripts_dir: Path = REPO
+    cfg: TableConfig, table_id: str, row: TableRow, modules: Optional[dict] = None
 ) -> list[str]:
-    """``python [launcher] <script> --fname <config> model.checkpoint=.. logging.folder=.. ..``."""
-    cmd = [sys.executable, *cfg.launcher, str(scripts_dir / PROTOCOL_SCRIPTS[row.protocol])]
-    cmd += ["--fname", row.config]
+    """``python [launcher] -m <module> --fname <config> model.checkpoint=.. logging.folder=..``
+    (``modules``: protocol -> module, default ``PROTOCOL_MODULES``)."""
+    module = (modules or PROTOCOL_MODULES)[row.protocol]
+    return [sys.executable, *cfg.launcher, "-m", module, *row_args(cfg, table_id, row)]
+
+
+def row_args(cfg: TableConfig, table_id: str, row: TableRow) -> list[str]:
+    """The protocol's arguments: ``--fname <config> [model.checkpoint=..] logging.folder=..``
+    and the row's overrides."""
+    args = ["--fname", row.config]
     if row.checkpoint:
-        cmd.append(f"model.checkpoint={row.checkpoint}")
-    cmd.append(f"logging.folder={run_folder(cfg, table_id, row)}")
-    return cmd + list(row.overrides)
+        args.append(f"model.checkpoint={row.checkpoint}")
+    args.append(f"logging.folder={run_folder(cfg, table_id, row)}")
+    return args + list(row.overrides)
+
+
+def check_fresh(cfg: TableConfig, table_id: str, modules: Optional[dict] = None) -> None:
+    """Every existing ``results.json`` still fits its row (encoder checkpoint, config, data);
+    a stale one is a ``TableError`` naming the row and the folder."""
+    for row in cfg.rows:
+        folder = run_folder(cfg, table_id, row)
+        if load_results(folder, row) is None:  # (a results.json of another protocol: an error)
+            continue
+        module = (modules or PROTOCOL_MODULES)[row.protocol]
+        reason = results_staleness(folder, module, row_args(cfg, table_id, row))
+        if reason is not None:
+            raise TableError(
+                f"row '{row.name}': {folder / 'results.json'}: {reason}; delete {folder} to run "
+                "the row again, or point the row's folder elsewhere"
+            )
 
 
 def show_command(cmd: Sequence[str]) -> str:
@@ -253,13 +291,13 @@ def run_rows(
     cfg: TableConfig,
     table_id: str,
     rows: Sequence[TableRow],
-    scripts_dir: Path = REPO,
+    modules: Optional[dict] = None,
     dry_run: bool = False,
 ) -> list[str]:
     """Run each row's command (or only print it); returns the names of rows that failed."""
     failed = []
-    for row in rows:
-        cmd = row_command(cfg, table_id, row, scripts_dir)
+    for row in progress(rows, f"table {table_id}", unit="row", enabled=not dry_run, every_n=1):
+        cmd = row_command(cfg, table_id, row, modules)
         print(show_command(cmd), flush=True)
         if dry_run:
             continue
@@ -284,8 +322,9 @@ def write_outputs(
     return md, csv_path
 
 
-def main(argv: Optional[Sequence[str]] = None, scripts_dir: Path = REPO) -> int:
-    from .config import ConfigError, config_parser, parse_config
+def main(argv: Optional[Sequence[str]] = None, modules: Optional[dict] = None) -> int:
+    """``ijepa-tables --fname tables/<id> [--collect] [--dry-run] [--out F]``: exit status."""
+    from .config import config_parser, parse_config
 
     parser = config_parser("Run or collect the rows of a paper table; print ours vs the paper")
     parser.add_argument("--collect", action="store_true",
@@ -294,21 +333,26 @@ def main(argv: Optional[Sequence[str]] = None, scripts_dir: Path = REPO) -> int:
                         help="print the commands of the rows to run, run nothing")  # fmt: skip
     parser.add_argument("--out", default=None, help="folder for <table>.md / .csv "
                         "(default: <runs_root>/<table>)")  # fmt: skip
-    cfg, args = parse_config(TableConfig, parser, argv)
+    try:
+        cfg, args = parse_config(TableConfig, parser, argv)
+    except SystemExit as e:  # --help, or a config error already printed
+        return e.code if isinstance(e.code, int) else 2
     if not args.fname:
-        print("error: --fname configs/tables/<name>.yaml is required", file=sys.stderr)
+        print("error: --fname tables/<name> (or a table file) is required", file=sys.stderr)
         return 2
     table_id = Path(args.fname).stem
+    setup_console_logging()  # the rows' progress lines
     try:
         check_table(cfg, args.fname)
+        check_fresh(cfg, table_id, modules)
         failed = []
         if not args.collect:
-            failed = run_rows(cfg, table_id, pending_rows(cfg, table_id), scripts_dir,
+            failed = run_rows(cfg, table_id, pending_rows(cfg, table_id), modules,
                               args.dry_run)  # fmt: skip
         if args.dry_run:
             return 0
         cells = collect(cfg, table_id)
-    except (TableError, ConfigError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     md, csv_path = write_outputs(cfg, table_id, cells, args.out or Path(cfg.runs_root) / table_id)
@@ -318,3 +362,7 @@ def main(argv: Optional[Sequence[str]] = None, scripts_dir: Path = REPO) -> int:
         print(f"error: {len(failed)} row(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

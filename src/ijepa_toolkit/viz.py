@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,9 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .build import build_encoder
-from .checkpoint import CheckpointError, load_encoder, load_predictor
 from .config import (
-    ConfigError,
     EncoderSection,
     LoggingSection,
     MetaSection,
@@ -32,24 +30,31 @@ from .config import (
     parse_config,
 )
 from .data.folder import SafeImageFolder
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, transform_checks
 from .engine.distributed import resolve_device
 from .engine.logger import setup_console_logging
+from .errors import ConfigError, UserError
 from .eval.depth import colourise
+from .loader import load_encoder, load_predictor
+from .masks.block import place_block
 from .models.vit import apply_masks, encode_masked
+from .runs import run_main
 
 logger = logging.getLogger("ijepa_toolkit")
 GAP = 2  # white pixels between panels
-MASKINGS = ("block", "multiblock")
 MIN_PANEL = 128  # panels smaller than this are upscaled (nearest) by an integer factor
 
 
 @dataclasses.dataclass
 class VizDataSection:
-    folder: str = "runs/data/digits/val"  # ImageFolder root; ``count`` images evenly spaced
+    val_folder: str = "runs/data/digits/val"  # ImageFolder; ``count`` images evenly spaced
     img_size: int = 224
     crop_ratio: float = 0.875  # eval transform: resize to img_size / crop_ratio, center crop
     count: int = 8
+
+    def checks(self) -> list[tuple[str, Any, bool, str]]:
+        count_ok = ("count", self.count, self.count >= 1, ">= 1")
+        return [*transform_checks(self.img_size, self.crop_ratio), count_ok]
 
 
 @dataclasses.dataclass
@@ -58,7 +63,7 @@ class LossesSection:
     # block: one target block, every other patch is context (how predictable each patch is from
     # the rest); multiblock: I-JEPA's training masks (num_targets blocks, a context block of
     # context_scale with the targets removed), drawn by the pretraining sampler
-    masking: str = "block"
+    masking: Literal["block", "multiblock"] = "block"
     target_scale: list[float] = dataclasses.field(default_factory=lambda: [0.15, 0.2])
     aspect_ratio: list[float] = dataclasses.field(default_factory=lambda: [0.75, 1.5])
     num_targets: int = 4  # multiblock only
@@ -79,12 +84,15 @@ class VizConfig:
 
 def load_images(data: VizDataSection) -> torch.Tensor:
     """(B, 3, S, S) normalised images: ``count`` of the folder, evenly spaced over its classes."""
-    ds = SafeImageFolder(data.folder, transform=eval_transform(data.img_size, data.crop_ratio))
+    tf = eval_transform(data.img_size, data.crop_ratio)
+    ds = SafeImageFolder(data.val_folder, transform=tf)
     picks = np.unique(np.linspace(0, len(ds) - 1, max(data.count, 1)).round().astype(int))
     items = [ds[int(i)] for i in picks]
     images = [item[0] for item in items if item is not None]
     if not images:
-        raise FileNotFoundError(f"{data.folder}: no readable image among the {len(picks)} picked")
+        raise FileNotFoundError(
+            f"{data.val_folder}: no readable image among the {len(picks)} picked"
+        )
     return torch.stack(images)
 
 
@@ -122,14 +130,18 @@ def panel_size(img_size: int) -> int:
 
 
 def compose(rows: Sequence[Sequence[np.ndarray]]) -> Image.Image:
-    """Rows of equal (P, P, 3) panels, ``GAP`` white pixels between them."""
-    p = rows[0][0].shape[0]
+    """Rows of equal (P, P, 3) uint8 panels, ``GAP`` white pixels between them (a short row is
+    filled with white): ``torchvision.utils.make_grid`` without its outer border."""
+    from torchvision.utils import make_grid
+
     cols = max(len(r) for r in rows)
-    out = np.full((len(rows) * (p + GAP) - GAP, cols * (p + GAP) - GAP, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, panel in enumerate(row):
-            out[i * (p + GAP) : i * (p + GAP) + p, j * (p + GAP) : j * (p + GAP) + p] = panel
-    return Image.fromarray(out)
+    blank = np.full_like(rows[0][0], 255)
+    panels = [torch.from_numpy(np.array(panel)).permute(2, 0, 1)
+              for row in rows for panel in [*row, *[blank] * (cols - len(row))]]  # fmt: skip
+    if len(panels) == 1:  # make_grid returns a lone image unpadded
+        return Image.fromarray(np.asarray(rows[0][0]))
+    grid = make_grid(torch.stack(panels), nrow=cols, padding=GAP, pad_value=255)
+    return Image.fromarray(grid[:, GAP:-GAP, GAP:-GAP].permute(1, 2, 0).numpy())
 
 
 def grid_of(encoder: torch.nn.Module, img_size: int) -> tuple[int, int]:
@@ -163,17 +175,7 @@ def sample_block(
     ar = aspect[0] + u[1] * (aspect[1] - aspect[0])
     bh = min(max(round(math.sqrt(area * ar)), 1), h)
     bw = min(max(round(math.sqrt(area / ar)), 1), w if bh < h else w - 1)
-    top = int(torch.randint(0, h - bh + 1, (1,), generator=g))
-    left = int(torch.randint(0, w - bw + 1, (1,), generator=g))
-    inside = torch.zeros(h, w, dtype=torch.bool)
-    inside[top : top + bh, left : left + bw] = True
-    flat = inside.flatten()
-    return flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
-
-
-def check_masking(cfg: LossesSection) -> None:
-    if cfg.masking not in MASKINGS:
-        raise ConfigError(f"losses.masking must be one of {MASKINGS}, got {cfg.masking!r}")
+    return place_block(grid, (bh, bw), g)
 
 
 def maskings(grid: tuple[int, int], b: int, cfg: LossesSection, seed: int):
@@ -212,7 +214,6 @@ def patch_losses(
     averaged over the feature dimension. Returns (B, h, w) mean losses (NaN where a patch was never
     a target) and (B, h, w) counts of the target blocks that covered each patch.
     """
-    check_masking(cfg)
     grid = grid_of(target_encoder, images.shape[-1])
     b, n = images.shape[0], grid[0] * grid[1]
     h = target_encoder.forward_features(images)[:, target_encoder.num_prefix_tokens :]
@@ -265,7 +266,6 @@ def losses(argv: Optional[Sequence[str]] = None) -> Path:
     """``visualize.py losses``: writes ``<logging.folder>/losses.png``; returns its path."""
     cfg, device, out = _setup(argv, "Per-patch I-JEPA prediction loss over random maskings")
     m = cfg.model
-    check_masking(cfg.losses)
     if not m.checkpoint:
         raise ConfigError("losses needs model.checkpoint: an I-JEPA checkpoint with a predictor")
     ctx_enc = load_encoder(m.checkpoint, which="encoder", num_heads=m.num_heads).to(device)
@@ -284,7 +284,7 @@ def losses(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 def masks(argv: Optional[Sequence[str]] = None) -> list[Path]:
-    """``visualize.py masks --fname configs/pretrain/X.yaml``: one PNG per mask-sampler step."""
+    """``visualize.py masks --fname pretrain/X``: one PNG per mask-sampler step."""
     from .masks.multiblock import MultiBlockMaskSampler
     from .masks.render import render_masks
     from .pretrain.data import resolve_folders
@@ -360,7 +360,7 @@ def curve(argv: Optional[Sequence[str]] = None) -> Path:
         r[args.key] for r in read_jsonl(args.log) if isinstance(r.get(args.key), (int, float))
     ]
     if not values:
-        raise ValueError(f"{args.log}: no numeric '{args.key}' values")
+        raise UserError(f"{args.log}: no numeric '{args.key}' values")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     line_plot(values, f"{args.key} ({Path(args.log).parent.name})").save(out)
@@ -372,15 +372,15 @@ COMMANDS = {"masks": masks, "pca": pca, "losses": losses, "curve": curve}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``visualize.py {masks,pca,losses} [--fname cfg.yaml] [key=value ...]``."""
+    """``visualize.py {masks,pca,losses,curve} [--fname cfg.yaml] [key=value ...]``; returns the
+    exit status (``runs.run_main``: bad input 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: visualize.py {{{','.join(COMMANDS)}}} [--fname CFG] [key=value ...]",
               file=sys.stderr)  # fmt: skip
         return 2
-    try:
-        COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(lambda: COMMANDS[argv[0]](argv[1:]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -11,8 +11,9 @@ import time
 import uuid
 from pathlib import Path
 
-from ijepa_toolkit.checkpoint import read_checkpoint
+from ijepa_toolkit.configs import find_config
 from ijepa_toolkit.data.digits import build_digits_imagefolder
+from ijepa_toolkit.io.read import read_checkpoint
 
 from .common import REPO, TIMEOUT, env
 
@@ -38,7 +39,7 @@ def test_dead_rank_ends_the_job_non_zero_in_bounded_time(tmp_path):
     train, _ = build_digits_imagefolder(tmp_path / "digits", size=32, per_class=16)
     out = tmp_path / "run"
     overrides = {
-        "data.dataset": "imagefolder", "data.root_path": str(train), "data.image_folder": "",
+        "data.train_folder": str(train), "data.digits_root": "null",
         "data.batch_size": 8, "model.arch": "{embed_dim: 32, depth: 2, num_heads: 4}",
         "model.pred_depth": 1, "model.pred_emb_dim": 16, "optimization.epochs": 200,
         "logging.folder": str(out), "logging.log_freq": 1, "logging.rankme_freq": 0,
@@ -46,7 +47,7 @@ def test_dead_rank_ends_the_job_non_zero_in_bounded_time(tmp_path):
     }  # fmt: skip
     marker = uuid.uuid4().hex
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO / "main_pretrain.py"), "--fname", str(REPO / "configs/pretrain/tiny_cpu.yaml"),
+           str(REPO / "main_pretrain.py"), "--fname", str(find_config("pretrain/tiny_cpu")),
            *[f"{k}={v}" for k, v in overrides.items()]]  # fmt: skip
     job = subprocess.Popen(cmd, env={**env(), "FAULT_RUN": marker}, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)  # fmt: skip

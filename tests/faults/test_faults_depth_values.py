@@ -13,9 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ijepa_toolkit.configs import find_config
 from ijepa_toolkit.eval.depth import main
-
-from .common import REPO
 
 BAD = (np.nan, np.inf, -np.inf)
 
@@ -47,8 +46,8 @@ def test_nan_and_inf_depth_pixels_are_invalid_like_missing_depth(tmp_path, depth
     for bad in (True, False):
         shards = write_shards(depth_scenes, tmp_path / f"shards_{bad}", bad)
         out = tmp_path / f"run_{bad}"
-        main(["--fname", str(REPO / "configs/depth/tiny_synthetic.yaml"), "data.format=tar",
-              f"data.root={shards}", "data.train_split=train-*.tar",
+        main(["--fname", str(find_config("depth/tiny_synthetic")), "data.format=tar",
+              f"data.train_folder={shards}", "data.train_split=train-*.tar",
               "data.test_split=test-*.tar", f"logging.folder={out}", "optimization.epochs=2",
               "logging.tensorboard=false", "eval.visualisations=1"])  # fmt: skip
         results[bad] = json.loads((out / "results.json").read_text())

@@ -29,7 +29,7 @@ def train(steps: int, init_scale: float, tmp_path: Path):
     optimizer = recipe.build_optimizer(
         recipe.param_groups(model, cfg.optimization), cfg.optimization, 1e-3
     )
-    scheduler = recipe.build_scheduler(optimizer, cfg.optimization, steps, 1e-3)
+    scheduler = recipe.build_scheduler(optimizer, cfg.optimization, steps)
     data = TensorDataset(torch.randn(4 * steps, 3, 32, 32), torch.arange(4 * steps) % 3)
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
     opts = StepOptions(device=torch.device("cpu"), scaler=scaler, steps_per_epoch=steps)

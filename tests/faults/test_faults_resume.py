@@ -1,5 +1,6 @@
 """SIGKILL at random iterations, then ``--resume``: the same weights, metrics and log as an
-uninterrupted run; the log is only appended to, and no (step, key) is logged twice."""
+uninterrupted run; the log is only appended to, and its rows read back (``read_jsonl``: the
+resumed run's rows supersede the killed attempt's after its checkpoint) hold each step once."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ijepa_toolkit.configs import find_config
 from ijepa_toolkit.data.digits import build_digits_imagefolder
 from ijepa_toolkit.engine.logger import RunLogger, read_jsonl
 
@@ -53,7 +55,7 @@ def assert_resumed_run_equals_straight(
 
 def test_depth_probe_killed_twice_at_random_iterations_resumes_exactly(tmp_path, depth_scenes):
     cmd = [sys.executable, str(REPO / "depth_eval.py"), "--fname",
-           str(REPO / "configs/depth/tiny_synthetic.yaml"), f"data.root={depth_scenes}",
+           str(find_config("depth/tiny_synthetic")), f"data.train_folder={depth_scenes}",
            "logging.tensorboard=false", "logging.log_freq=1", "optimization.epochs=3",
            "eval.visualisations=0", "eval.every=1"]  # fmt: skip
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -82,8 +84,8 @@ def test_row_cut_by_a_kill_is_skipped_and_the_log_goes_on(tmp_path, caplog):
     with open(tmp_path / "log.jsonl", "a") as f:
         f.write('{"step": 2, "lo')  # SIGKILL in the middle of a row
     log = RunLogger(tmp_path, tensorboard=False)
-    log.skip_logged()
-    log.log(1, loss=0.5)  # resumed: step 1 is already there
+    log.resumed_at(0)  # resumed from scratch: step 1 is logged again
+    log.log(1, loss=0.5)
     log.log(1, epoch=1)
     log.log(2, loss=0.25)
     log.close()
@@ -97,7 +99,7 @@ def test_linear_probe_killed_at_a_random_epoch_resumes_exactly(tmp_path):
 
     train, val = build_digits_imagefolder(tmp_path / "digits", size=32, per_class=30)
     cmd = [sys.executable, str(REPO / "main_linprobe.py"), "--fname",
-           str(REPO / "configs/linprobe/digits.yaml"), f"data.train_folder={train}",
+           str(find_config("linprobe/digits")), f"data.train_folder={train}",
            f"data.val_folder={val}", "meta.device=cpu", f"model.checkpoint={REPO}/tests/"
            "fixtures/ijepa_vit_p8_d64.pth.tar", f"features.cache_dir={tmp_path / 'cache'}",
            "logging.tensorboard=false", "optimization.epochs=40", "optimization.batch_size=32",
@@ -118,14 +120,14 @@ def test_linear_probe_killed_at_a_random_epoch_resumes_exactly(tmp_path):
 def test_pretraining_killed_at_a_random_step_resumes_with_an_exact_log(tmp_path):
     train, _ = build_digits_imagefolder(tmp_path / "digits", size=32, per_class=8)
     overrides = {
-        "data.dataset": "imagefolder", "data.root_path": str(train), "data.image_folder": "",
+        "data.train_folder": str(train), "data.digits_root": "null",
         "data.batch_size": 16, "model.arch": "{embed_dim: 32, depth: 2, num_heads: 4}",
         "model.pred_depth": 1, "model.pred_emb_dim": 16, "optimization.epochs": 2,
         "logging.log_freq": 1, "logging.rankme_freq": 4, "logging.knn_freq": 0,
         "logging.tensorboard": False,
     }  # fmt: skip
     cmd = [sys.executable, str(REPO / "main_pretrain.py"), "--fname",
-           str(REPO / "configs/pretrain/tiny_cpu.yaml"),
+           str(find_config("pretrain/tiny_cpu")),
            *[f"{k}={v}" for k, v in overrides.items()]]  # fmt: skip
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run([*cmd, f"logging.folder={straight}"], env=env(), check=True, timeout=TIMEOUT,
@@ -135,11 +137,11 @@ def test_pretraining_killed_at_a_random_step_resumes_with_an_exact_log(tmp_path)
     kill_after_rows([*cmd, f"logging.folder={killed}"], log, random.randint(2, total - 2))
     before = log.read_bytes()
     subprocess.run(
-        [*cmd, f"logging.folder={killed}"],
+        [*cmd, f"logging.folder={killed}", "--resume"],
         env=env(),
         check=True,
         timeout=TIMEOUT,
         capture_output=True,
-    )  # fmt: skip  (meta.resume: on by default)
+    )  # fmt: skip
     assert log.read_bytes().startswith(before), "the log was truncated"
     assert_resumed_run_equals_straight(straight, killed, "encoder", timings=("epoch_seconds",))

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -27,15 +29,22 @@ class DistInfo:
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when available (the local rank's GPU), else the CPU."""
+    """``meta.device``: ``auto`` picks CUDA when available, else the CPU; ``cuda`` is the local
+    rank's GPU, ``cuda:N`` GPU N. Anything else, or a GPU this machine lacks, is a ``UserError``."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but CUDA is not available")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or not (index.isdigit() or index == ""):
+        raise UserError(f"meta.device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():
+        raise UserError(f"meta.device={name}: CUDA is not available here (use auto or cpu)")
+    gpu = int(index) if index else local_rank
+    if gpu >= torch.cuda.device_count():
+        raise UserError(f"meta.device={name}: GPU {gpu} asked, {torch.cuda.device_count()} found")
+    torch.cuda.set_device(gpu)
+    return torch.device("cuda", gpu)
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:

@@ -13,7 +13,9 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from ..errors import CheckpointError
+from ..io.read import read_checkpoint
+from ..io.save import save_checkpoint
 from .utils import rng_state, set_rng_state
 
 logger = logging.getLogger("ijepa_toolkit")

@@ -1,14 +1,23 @@
-"""Seeding, RNG state for exact resume, autocast, progress bars."""
+"""Seeding, RNG state for exact resume, autocast, progress reports (bars or log lines)."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import random
 import sys
-from typing import Iterable, Optional
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from ..errors import UserError
+
+logger = logging.getLogger("ijepa_toolkit")
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -66,10 +75,165 @@ def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype = to
     return contextlib.nullcontext()
 
 
-def progress(iterable: Iterable, desc: str = "", total: Optional[int] = None, enabled: bool = True):
-    """A tqdm bar when stderr is a terminal (and ``enabled``); the bare iterable otherwise."""
-    if not (enabled and sys.stderr.isatty()):
-        return iterable
-    from tqdm import tqdm
+PROGRESS_SECONDS = 30.0  # a log line at least this often (env IJEPA_PROGRESS_SECONDS)
+PROGRESS_ITEMS = (
+    50  # ... and every this many iterations, as timm's log_interval (IJEPA_PROGRESS_ITEMS)
+)
 
-    return tqdm(iterable, desc=desc, total=total, dynamic_ncols=True, leave=False)
+
+def progress(
+    iterable: Iterable,
+    desc: str = "",
+    total: Optional[int] = None,
+    enabled: bool = True,
+    unit: str = "it",
+    size: Optional[Callable[[Any], int]] = None,
+    every_s: Optional[float] = None,
+    every_n: Optional[int] = None,
+) -> Progress:
+    """``iterable`` with progress reports: a tqdm bar when stderr is a terminal, otherwise
+    (``nohup``, SLURM, torchrun logs) periodic INFO lines on the ``ijepa_toolkit`` logger::
+
+        features last: 1280/50000 img (2.6%), 85.3 img/s, ETA 9m32s, loss 0.4123
+
+    ``total``: in ``unit`` (default ``len(iterable)``); ``size(item)``: the units an item counts
+    for (e.g. the images of a batch; default 1); a line every ``every_s`` seconds or every
+    ``every_n`` iterations, whichever comes first (defaults ``PROGRESS_SECONDS`` and
+    ``PROGRESS_ITEMS``, overridden by the environment variables of the same names prefixed
+    ``IJEPA_``; 0 turns a trigger off), and a closing line when any was written.
+    ``enabled=False``, and any rank but 0 under torch.distributed, iterate silently.
+    ``.set(loss=..., lr=...)`` adds fields to the reports."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    every_s = (
+        _env_number("IJEPA_PROGRESS_SECONDS", PROGRESS_SECONDS) if every_s is None else every_s
+    )
+    every_n = (
+        int(_env_number("IJEPA_PROGRESS_ITEMS", PROGRESS_ITEMS)) if every_n is None else every_n
+    )
+    enabled = enabled and (not dist.is_initialized() or dist.get_rank() == 0)
+    return Progress(
+        iterable, desc, total, enabled, unit, size or (lambda item: 1), every_s, every_n
+    )
+
+
+@dataclass
+class Progress:
+    """What ``progress`` returns: iterate over it; ``set(**fields)`` for loss, lr, ..."""
+
+    iterable: Iterable
+    desc: str
+    total: Optional[int]
+    enabled: bool
+    unit: str
+    size: Callable[[Any], int]
+    every_s: float
+    every_n: int
+    fields: dict = field(default_factory=dict)
+    _bar: Any = None
+
+    def set(self, **fields: Any) -> None:
+        """Extra fields shown from now on (floats and 0-d tensors printed with 4 digits)."""
+        self.fields.update({k: _short(v) for k, v in fields.items()})
+        if self._bar is not None:
+            self._bar.set_postfix(self.fields, refresh=False)
+
+    def __iter__(self) -> Iterator:
+        if not self.enabled:
+            yield from self.iterable
+        elif sys.stderr.isatty():
+            yield from self._tqdm()
+        else:
+            yield from self._lines()
+
+    def _tqdm(self) -> Iterator:
+        from tqdm import tqdm
+
+        with tqdm(total=self.total, desc=self.desc, unit=self.unit, dynamic_ncols=True,
+                  leave=False) as self._bar:  # fmt: skip
+            for item in self.iterable:
+                yield item
+                self._bar.update(self.size(item))
+        self._bar = None
+
+    def _lines(self) -> Iterator:
+        start = last = time.monotonic()
+        done = since = 0
+        written = False
+        for item in self.iterable:
+            yield item
+            done, since = done + self.size(item), since + 1
+            now = time.monotonic()
+            if self.total and done >= self.total:
+                continue  # the closing line says it
+            if (self.every_n and since >= self.every_n) or (
+                self.every_s and now - last >= self.every_s
+            ):
+                logger.info("%s", self._line(done, now - start))
+                last, since, written = now, 0, True
+        if written:  # say that it finished
+            seconds = time.monotonic() - start
+            logger.info("%s (done in %s)", self._line(done, seconds), _hms(seconds))
+
+    def _line(self, done: int, seconds: float) -> str:
+        rate = done / seconds if seconds > 0 else float("inf")
+        parts = [
+            f"{self.desc}: {done}" + (f"/{self.total}" if self.total else "") + f" {self.unit}"
+        ]
+        if self.total:
+            parts[0] += f" ({100.0 * done / self.total:.1f}%)"
+        parts.append(f"{rate:.3g} {self.unit}/s")
+        if self.total and rate > 0:
+            parts.append(f"ETA {_hms(max(self.total - done, 0) / rate)}")
+        parts += [f"{k} {v}" for k, v in self.fields.items()]
+        return ", ".join(parts)
+
+
+def _env_number(name: str, default: float) -> float:
+    """The number in environment variable ``name`` (``default`` when unset)."""
+    text = os.environ.get(name, "")
+    try:
+        return float(text) if text.strip() else default
+    except ValueError:
+        raise UserError(f"environment variable {name}={text!r}: expected a number") from None
+
+
+def _short(value: Any) -> Any:
+    """A float or 0-d tensor as a 4-significant-digit string; anything else unchanged."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+def _hms(seconds: float) -> str:
+    """``1h02m03s``, ``9m32s`` or ``12s``."""
+    s = int(round(seconds))
+    h, m = divmod(s, 3600)
+    m, s = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    epochs: float,
+    steps_per_epoch: int,
+    warmup_epochs: float,
+    min_lr: float = 0.0,
+):
+    """timm ``CosineLRScheduler`` in optimizer steps, equal at every step to MAE's
+    ``adjust_learning_rate`` (``util/lr_sched.py``) at the fractional epoch ``e = step /
+    steps_per_epoch``: ``lr * e / warmup_epochs`` while ``e < warmup_epochs``, then ``min_lr +
+    (lr - min_lr) * (1 + cos(pi * (e - warmup_epochs) / (epochs - warmup_epochs))) / 2``.
+    Warmup and decay lengths are not rounded to whole steps (0.5 epochs of 25 steps is 12.5).
+
+    The one warmup + cosine of the toolkit (finetuning, linear and depth probes). Call
+    ``step_update(step)`` before each optimizer step; each group starts from its own ``lr`` and
+    is scaled by its ``lr_scale`` (layer decay), as in MAE."""
+    from timm.scheduler import CosineLRScheduler
+
+    total = epochs * steps_per_epoch
+    warmup = warmup_epochs * steps_per_epoch
+    return CosineLRScheduler(
+        optimizer, t_initial=max(total - warmup, 1), lr_min=min_lr, warmup_t=warmup,
+        warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False,
+    )  # fmt: skip

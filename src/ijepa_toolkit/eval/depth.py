@@ -8,51 +8,59 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ..build import build_encoder
-from ..checkpoint import CheckpointError, CheckpointWriteError
 from ..config import (
-    ConfigError,
     EncoderSection,
     LoggingSection,
     MetaSection,
     config_parser,
     parse_config,
     require,
+    require_paths,
     save_config,
     to_dict,
 )
-from ..data.nyu import DepthDataError, DepthPairs, build_depth_reader
+from ..data.nyu import DepthPairs, build_depth_reader
 from ..engine.distributed import resolve_device
-from ..engine.logger import RunLogger, setup_console_logging, write_results
+from ..engine.logger import RunLogger, setup_console_logging
 from ..engine.resume import LAST, load_training_state, save_training_state
-from ..engine.utils import autocast, progress, seed_everything
+from ..engine.utils import autocast, progress, seed_everything, warmup_cosine
+from ..errors import ConfigError
 from ..models.depth_head import DepthHead, dense_features, resolve_blocks
-from .depth_metrics import CROPS, EIGEN_CROP, EIGEN_SIZE, DepthMetricMeter, crop_box, valid_mask
+from ..run_folder import ALWAYS_ALLOWED, RunFolder, add_run_flags, open_run
+from ..runs import check_finite, run_main, write_results
+from .depth_metrics import (
+    EIGEN_CROP,
+    EIGEN_SIZE,
+    DepthMetricMeter,
+    bts_prediction,
+    crop_box,
+    valid_mask,
+)
 
 logger = logging.getLogger("ijepa_toolkit")
+# what a --resume may change besides run_folder.ALWAYS_ALLOWED: the pictures of the final test
+RESUME_ALLOWED = (*ALWAYS_ALLOWED, "eval.visualisations")
 
 
 @dataclasses.dataclass
 class DepthDataSection:
     """Where the data is and how it is fed. Depth is in metres after ``depth_scale``."""
 
-    format: str = "folder"  # mat | folder | tar
-    root: str = "data/nyu"  # mat: the labeled .mat file; folder: image root; tar: shard folder
-    test_root: Optional[str] = None  # folder / tar: root of the test split (default: root)
+    format: Literal["mat", "folder", "tar"] = "folder"
+    train_folder: str = "data/nyu"  # mat: the labeled .mat file; folder: image root; tar: shards
+    val_folder: Optional[str] = None  # folder / tar: root of the test split (default: train_folder)
     train_split: str = "nyu_train.txt"  # mat: splits.mat or index list; tar: glob of shards
     test_split: str = "nyu_test.txt"  # relative split paths are taken under the split's root
     depth_scale: Optional[float] = None  # metres per stored unit; None: mat/tar 1, PNG 1e-3
@@ -66,11 +74,11 @@ class DepthDataSection:
 
 @dataclasses.dataclass
 class ProbeSection:
-    features: str = "four"  # last | four
+    features: Literal["last", "four"] = "four"
     blocks: Optional[list[int]] = None  # four: 0-based indices; None: DINOv2's per depth
     pooled_token: bool = True  # broadcast each block's mean token and concatenate it
     final_norm: bool = True  # pass each block's tokens through the encoder's final norm
-    head: str = "linear"  # linear (log-depth regression) | bins (DINOv2 linear depth head)
+    head: Literal["linear", "bins"] = "linear"  # log-depth regression | DINOv2 linear depth head
     n_bins: int = 256
     batchnorm: bool = True
     upsample: int = 4  # bilinear upsampling of the head's output before the nonlinearity
@@ -96,9 +104,9 @@ class DepthOptimSection:
 
 @dataclasses.dataclass
 class DepthEvalSection:
-    crop: str = "eigen"  # eigen ([45:471, 41:601] on 480x640) | none
+    crop: Literal["eigen", "none"] = "eigen"  # eigen: [45:471, 41:601] on 480x640
     flip_tta: bool = False  # average the prediction with that of the flipped image
-    clamp: bool = True  # clamp predictions to [min_depth, max_depth] before the metrics
+    clamp: bool = True  # clamp predictions to [min_depth, max_depth]; NaN/inf: BTS's always
     batch_size: int = 1  # > 1 needs test images of one size
     every: int = 0  # evaluate every N epochs (0: only at the end)
     visualisations: int = 4  # side-by-side PNGs (input | ground truth | prediction)
@@ -184,7 +192,8 @@ def protocol_settings(cfg: DepthConfig, probe: DepthProbe, patch_size: int) -> d
         "none": "none",
     }.get(e.crop, e.crop)
     return {
-        "dataset": {"format": d.format, "root": d.root, "test_root": d.test_root,
+        "dataset": {"format": d.format, "train_folder": d.train_folder,
+                    "val_folder": test_split_root(d),
                     "train_split": d.train_split, "test_split": d.test_split,
                     "depth_scale": d.depth_scale},
         "eval_crop": crop,
@@ -193,6 +202,7 @@ def protocol_settings(cfg: DepthConfig, probe: DepthProbe, patch_size: int) -> d
         "silog": "100 * sqrt(mean(e^2) - mean(e)^2), e = ln pred - ln gt",
         "flip_tta": e.flip_tta,
         "clamp_pred": f"[{d.min_depth}, {d.max_depth}]" if e.clamp else "no",
+        "nonfinite_pred": f"NaN -> {d.min_depth}, inf -> {d.max_depth} (BTS bts_eval.py)",
         "input": f"frame x {d.input_scale}, rounded down to patch {patch_size}; prediction "
         "upsampled (bilinear) to the ground truth's size",
         "train_aug": f"random crop {d.crop_size[0]}x{d.crop_size[1]}, flip={d.flip}",
@@ -242,19 +252,18 @@ def evaluate(
     meter = DepthMetricMeter()
     d, e = cfg.data, cfg.eval
     shown = 0
-    for batch in progress(loader, desc="eval"):
+    for batch in progress(loader, "depth eval"):
         x = batch["image"].to(device)
         gt = batch["depth"].to(device)
         size = tuple(gt.shape[-2:])
         pred = probe(x, size)
         if e.flip_tta:
             pred = (pred + probe(x.flip(-1), size).flip(-1)) / 2
-        if e.clamp:
-            pred = pred.clamp(d.min_depth, d.max_depth)
+        pred, nonfinite = bts_prediction(pred, d.min_depth, d.max_depth, e.clamp)
         crop = crop_box(e.crop, *size)
         for i, name in enumerate(batch["name"]):
             mask = valid_mask(gt[i, 0], d.min_depth, d.max_depth, crop)
-            meter.update(pred[i, 0], gt[i, 0], mask, name)
+            meter.update(pred[i, 0], gt[i, 0], mask, name, nonfinite[i, 0])
             if vis_dir is not None and shown < e.visualisations:
                 safe = "".join(c if c.isalnum() else "_" for c in name)[-60:]
                 in_range = valid_mask(gt[i, 0], d.min_depth, d.max_depth).cpu().numpy()
@@ -277,11 +286,15 @@ def train_one_epoch(
     device: torch.device,
     step: int,
     run_log: RunLogger,
+    last_good: Optional[Path] = None,
 ) -> tuple[int, float]:
-    """One pass over ``loader``; returns the new optimizer step count and the mean loss."""
+    """One pass over ``loader``; returns the new optimizer step count and the mean loss.
+
+    A NaN/inf loss stops before its update: ``TrainingDiverged`` naming ``last_good``."""
     probe.train()
     losses = []
-    for batch in progress(loader, desc="train"):
+    bar = progress(loader, "depth train")
+    for batch in bar:
         x = batch["image"].to(device, non_blocking=True)
         gt = batch["depth"].to(device, non_blocking=True)
         mask = (gt > cfg.data.min_depth) & (gt < cfg.data.max_depth)
@@ -296,127 +309,205 @@ def train_one_epoch(
         if cfg.loss.gradient_weight > 0:
             grad = gradient_loss(pred, gt, mask, cfg.loss.gradient_scales)
             loss = loss + cfg.loss.gradient_weight * grad
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower optimization.lr")
+        check_finite(loss.item(), f"step {step + 1}", last_good)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
         losses.append(loss.item())
+        bar.set(loss=losses[-1], lr=optimizer.param_groups[0]["lr"])
         if step % cfg.logging.log_freq == 0:
             extra = {"grad_loss": grad} if grad is not None else {}
             run_log.log(step, loss=loss, silog=silog, lr=optimizer.param_groups[0]["lr"], **extra)
-    return step, float(np.mean(losses)) if losses else math.nan
+    return step, float(np.mean(losses)) if losses else float("nan")
 
 
-def run(cfg: DepthConfig, resume: bool = False) -> dict:
-    """Train the probe as configured, evaluate it, write the run folder; returns the results."""
+def test_split_root(d: DepthDataSection) -> str:
+    """Where the test split is: the ``.mat`` file itself, else ``val_folder`` (or
+    ``train_folder`` when unset)."""
+    return d.train_folder if d.format == "mat" else (d.val_folder or d.train_folder)
+
+
+def check_config(cfg: DepthConfig) -> None:
+    """Cheap checks, before the encoder is built and trained (not at the evaluation after)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("error: depth_eval.py runs in one process; start it with python")
-    setup_console_logging()
+        raise ConfigError("depth_eval.py runs in one process; start it with python, not torchrun")
     d, o, ev = cfg.data, cfg.optimization, cfg.eval
     if len(d.crop_size) != 2 or min(d.crop_size) < 1:
         raise ConfigError(f"data.crop_size={d.crop_size}: expected [height, width] in pixels")
-    require([  # before the encoder is built and trained, not at the evaluation after training
-        ("eval.crop", ev.crop, ev.crop in CROPS, f"one of {CROPS}"),
+    require([
         ("eval.batch_size", ev.batch_size, ev.batch_size >= 1, ">= 1"),
         ("optimization.batch_size", o.batch_size, o.batch_size >= 1, ">= 1"),
         ("optimization.epochs", o.epochs, o.epochs >= 0, ">= 0 (0: evaluate the untrained head)"),
         ("loss.silog_lambda", cfg.loss.silog_lambda, 0 <= cfg.loss.silog_lambda <= 1,
          "between 0 and 1 (the scale-invariant log loss)"),
     ])  # fmt: skip
-    seed_everything(cfg.meta.seed)
-    device = resolve_device(cfg.meta.device)
-    out = Path(cfg.logging.folder)
-    save_config(cfg, out)
+    kind = "file" if d.format == "mat" else "folder"
+    require_paths([("data.train_folder", d.train_folder, kind),
+                   ("data.val_folder", test_split_root(d), kind)])  # fmt: skip
 
-    encoder = build_encoder(cfg.model).to(device)
-    try:
-        probe = DepthProbe(encoder, cfg).to(device)
-    except ValueError as e:  # blocks / head / depth range settings
-        raise ConfigError(str(e)) from None
-    patch = encoder.patch_embed.patch_size[0]
-    test_root = d.root if d.format == "mat" else (d.test_root or d.root)
-    train_set = DepthPairs(
-        build_depth_reader(d.format, d.root, "train", d.train_split, d.depth_scale),
+
+@dataclasses.dataclass
+class DepthData:
+    train: DepthPairs  # random crops and flips
+    test: DepthPairs  # whole frames
+    train_loader: DataLoader
+    test_loader: DataLoader
+    generator: torch.Generator  # the training loader's shuffle, seeded per epoch
+
+
+def build_data(cfg: DepthConfig, patch: int, device: torch.device) -> DepthData:
+    """Train and test pairs of ``data.format`` and their loaders."""
+    d, o = cfg.data, cfg.optimization
+    train = DepthPairs(
+        build_depth_reader(d.format, d.train_folder, "train", d.train_split, d.depth_scale),
         patch, d.input_scale, d.crop_size, d.flip,
     )  # fmt: skip
-    test_set = DepthPairs(
-        build_depth_reader(d.format, test_root, "test", d.test_split, d.depth_scale),
+    test = DepthPairs(
+        build_depth_reader(d.format, test_split_root(d), "test", d.test_split, d.depth_scale),
         patch, d.input_scale,
     )  # fmt: skip
-    settings = protocol_settings(cfg, probe, patch)
-    logger.info("depth protocol (%d train / %d test images):", len(train_set), len(test_set))
-    for k, v in settings.items():
-        logger.info("  %s: %s", k, v)
-
     generator = torch.Generator()
-    train_loader = DataLoader(train_set, batch_size=o.batch_size, shuffle=True,
+    train_loader = DataLoader(train, batch_size=o.batch_size, shuffle=True,
                               num_workers=d.num_workers, generator=generator,
                               pin_memory=device.type == "cuda",
                               persistent_workers=d.num_workers > 0)  # fmt: skip
-    test_loader = DataLoader(test_set, batch_size=cfg.eval.batch_size, num_workers=d.num_workers)
-    params = list(probe.head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas),
-                                  weight_decay=o.weight_decay)  # fmt: skip
-    iters = len(train_loader)
-    warmup = round(o.warmup_epochs * iters)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(o.epochs * iters - warmup, 1),
-                                  lr_min=o.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
-                                  warmup_prefix=True, t_in_epochs=False)  # fmt: skip
-    start_epoch, step = 0, 0
-    if resume:
-        if (out / LAST).is_file():
-            state = load_training_state(out / LAST, probe.head, optimizer)
-            start_epoch, step = int(state["epoch"]), int(state["step"])
-        else:
-            logger.warning("--resume: no %s in %s, starting from scratch", LAST, out)
-    run_log = RunLogger(out, tensorboard=cfg.logging.tensorboard)
-    if resume:
-        run_log.skip_logged()
-    start = time.time()
+    test_loader = DataLoader(test, batch_size=cfg.eval.batch_size, num_workers=d.num_workers)
+    return DepthData(train, test, train_loader, test_loader, generator)
+
+
+def build_probe(cfg: DepthConfig, device: torch.device) -> DepthProbe:
+    encoder = build_encoder(cfg.model).to(device)
+    try:
+        return DepthProbe(encoder, cfg).to(device)
+    except ValueError as e:  # blocks / head / depth range settings
+        raise ConfigError(str(e)) from None
+
+
+def train_epochs(
+    probe: DepthProbe,
+    data: DepthData,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    cfg: DepthConfig,
+    run_log: RunLogger,
+    start_epoch: int = 0,
+    step: int = 0,
+    last_good: Optional[Path] = None,
+) -> int:
+    """Epochs ``start_epoch..epochs``: train, evaluate every ``eval.every``, log, checkpoint.
+
+    Returns the optimizer step count."""
+    o, device, out = (
+        cfg.optimization,
+        next(probe.head.parameters()).device,
+        Path(cfg.logging.folder),
+    )
     for epoch in range(start_epoch, o.epochs):
-        generator.manual_seed(cfg.meta.seed * 1000 + epoch)  # same order after a resume
-        step, train_loss = train_one_epoch(probe, train_loader, optimizer, scheduler, cfg, device,
-                                           step, run_log)  # fmt: skip
+        data.generator.manual_seed(cfg.meta.seed * 1000 + epoch)  # same order after a resume
+        step, train_loss = train_one_epoch(probe, data.train_loader, optimizer, scheduler, cfg,
+                                           device, step, run_log, last_good)  # fmt: skip
         row = {"epoch": epoch + 1, "train_loss": train_loss}
         if cfg.eval.every and (epoch + 1) % cfg.eval.every == 0 and epoch + 1 < o.epochs:
-            metrics = evaluate(probe, test_loader, cfg, device).average()
+            metrics = evaluate(probe, data.test_loader, cfg, device).average()
             row.update({f"test_{k}": v for k, v in metrics.items()})  # not the train "silog"
         run_log.log(step, **row)
         logger.info("epoch %d/%d: %s", epoch + 1, o.epochs,
                     ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))  # fmt: skip
         save_training_state(out / LAST, model=probe.head, optimizer=optimizer, epoch=epoch + 1,
                             step=step, config=to_dict(cfg))  # fmt: skip
-    meter = evaluate(probe, test_loader, cfg, device, vis_dir=out / "visualisations")
+        last_good = out / LAST
+    return step
+
+
+def run(cfg: DepthConfig, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train the probe as configured, evaluate it, write the run folder; returns the results.
+
+    The run owns ``logging.folder`` (``run_folder.open_run``): another run's outputs need
+    ``resume`` or ``overwrite``; a resume with changed settings is refused."""
+    check_config(cfg)
+    own = open_run(cfg.logging.folder, to_dict(cfg), resume=resume, overwrite=overwrite,
+                   allowed=RESUME_ALLOWED)  # fmt: skip
+    with own:
+        return _run(cfg, own)
+
+
+def _run(cfg: DepthConfig, own: RunFolder) -> dict:
+    out, o, start = own.path, cfg.optimization, own.start
+    setup_console_logging()
+    seed_everything(cfg.meta.seed)
+    device = resolve_device(cfg.meta.device)
+    probe = build_probe(cfg, device)
+    patch = probe.encoder.patch_embed.patch_size[0]
+    data = build_data(cfg, patch, device)
+    save_config(cfg, out)  # after every check that can fail: no stray config.yaml
+    settings = protocol_settings(cfg, probe, patch)
+    logger.info("depth protocol (%d train / %d test images):", len(data.train), len(data.test))
+    for k, v in settings.items():
+        logger.info("  %s: %s", k, v)
+    optimizer = torch.optim.AdamW(probe.head.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                  weight_decay=o.weight_decay)  # fmt: skip
+    scheduler = warmup_cosine(optimizer, o.epochs, len(data.train_loader), o.warmup_epochs,
+                              o.min_lr)  # fmt: skip
+    start_epoch, step = 0, 0
+    if start is not None:
+        state = load_training_state(start, probe.head, optimizer)
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+    run_log = RunLogger(out, tensorboard=cfg.logging.tensorboard)
+    own.resumed(run_log, step if start is not None else -1)
+    began = time.time()
+    step = train_epochs(probe, data, optimizer, scheduler, cfg, run_log, start_epoch, step, start)
+    return finish(probe, data, cfg, run_log, step, settings, time.time() - began)
+
+
+def finish(
+    probe: DepthProbe,
+    data: DepthData,
+    cfg: DepthConfig,
+    run_log: RunLogger,
+    step: int,
+    settings: dict,
+    seconds: float,
+) -> dict:
+    """Evaluate on the test split (with visualisations), log, write ``results.json``."""
+    out = Path(cfg.logging.folder)
+    device = next(probe.head.parameters()).device
+    meter = evaluate(probe, data.test_loader, cfg, device, vis_dir=out / "visualisations")
     metrics = meter.average()
     run_log.log(step, **{f"test_{k}": v for k, v in metrics.items()})
     run_log.close()
     shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
     logger.info("test (%d images, %d skipped: no valid depth): %s", meter.count,
                 len(meter.skipped), shown)  # fmt: skip
-    results = {
-        "checkpoint": cfg.model.checkpoint,
-        "which": cfg.model.which,
-        "settings": settings,
+    extra = {
         "images": meter.count,
         "skipped_invalid": len(meter.skipped),
         "skipped_names": meter.skipped[:20],
-        "train_images": len(train_set),
-        "epochs": o.epochs,
-        "train_seconds": round(time.time() - start, 1),
+        "nonfinite_pred_pixels": meter.nonfinite_pixels,
+        "nonfinite_pred_images": meter.nonfinite_images,
+        "train_images": len(data.train),
+        "epochs": cfg.optimization.epochs,
+        "train_seconds": round(seconds, 1),
     }
-    write_results(out, "depth", metrics, **results)
-    return {"protocol": "depth", "metrics": metrics, **results}
+    written = str(out / LAST) if (out / LAST).is_file() else None
+    write_results(out, "depth", metrics, encoder_checkpoint=cfg.model.checkpoint,
+                  which=cfg.model.which, output_checkpoint=written, settings=settings,
+                  **extra)  # fmt: skip
+    return {"protocol": "depth", "metrics": metrics, "settings": settings, **extra}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``depth_eval.py --fname CFG [--resume | --overwrite] [key=value ...]``; returns the exit
+    status (``runs.run_main``: bad input 2, a diverged loss 1)."""
     parser = config_parser("Depth probe (NYU-Depth v2 protocol) on a frozen I-JEPA encoder")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from logging.folder/checkpoint-last.pth")  # fmt: skip
-    cfg, args = parse_config(DepthConfig, parser, argv)
-    try:
-        run(cfg, resume=args.resume)
-    except (ConfigError, DepthDataError, CheckpointError, CheckpointWriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    add_run_flags(parser)
+
+    def work() -> None:
+        cfg, args = parse_config(DepthConfig, parser, argv)
+        run(cfg, resume=args.resume, overwrite=args.overwrite)
+
+    return run_main(work)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

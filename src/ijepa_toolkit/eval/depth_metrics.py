@@ -3,6 +3,8 @@
 Every choice that makes published numbers disagree is an argument here: the evaluation crop, the
 valid-depth range, and the averaging (per image, then the mean over images). An image with no
 valid pixel is skipped with a warning and counted, never turned into a NaN in the averages.
+Predictions go through ``bts_prediction`` first: BTS's clamp to the evaluation range and its
+NaN / inf replacement (the non-finite pixels are counted, so a NaN never reaches a metric).
 """
 
 from __future__ import annotations
@@ -60,6 +62,22 @@ def valid_mask(
     return mask
 
 
+def bts_prediction(
+    pred: torch.Tensor, min_depth: float, max_depth: float, clamp: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BTS's prediction clean-up before the metrics (``pytorch/bts_eval.py`` of cleinc/bts):
+    ``clamp`` to ``[min_depth, max_depth]`` (so -inf becomes ``min_depth``, +inf ``max_depth``),
+    then any remaining inf becomes ``max_depth`` and NaN becomes ``min_depth``.
+
+    ``pred``: depth in metres, any shape. Returns the new prediction (a copy) and the bool map of
+    the pixels that were not finite."""
+    bad = ~torch.isfinite(pred)
+    out = pred.clamp(min_depth, max_depth) if clamp else pred.clone()
+    out[torch.isinf(out)] = max_depth
+    out[torch.isnan(out)] = min_depth
+    return out, bad
+
+
 def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """The standard metrics of one image over the pixels where ``mask`` is true.
 
@@ -94,22 +112,36 @@ class DepthMetricMeter:
     """Accumulates per-image metrics; ``average()`` is the mean over the images that counted.
 
     Images whose mask is empty (no valid ground truth) are skipped with a warning naming them and
-    counted in ``skipped``.
+    counted in ``skipped``. ``nonfinite_pixels`` / ``nonfinite_images``: prediction pixels on the
+    mask that were NaN or inf before ``bts_prediction`` (``nonfinite`` of ``update``).
     """
 
     def __init__(self) -> None:
         self.sums = dict.fromkeys(METRICS, 0.0)
         self.count = 0
         self.skipped: list[str] = []
+        self.nonfinite_pixels = 0
+        self.nonfinite_images = 0
 
     def update(
-        self, pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor, name: str = "?"
+        self,
+        pred: torch.Tensor,
+        gt: torch.Tensor,
+        mask: torch.Tensor,
+        name: str = "?",
+        nonfinite: Optional[torch.Tensor] = None,
     ) -> Optional[dict[str, float]]:
-        """Add one image; returns its metrics, or ``None`` when it was skipped."""
+        """Add one image; returns its metrics, or ``None`` when it was skipped. ``nonfinite``:
+        the (H, W) bool map of ``bts_prediction``, counted on the mask and logged."""
         if not bool(mask.any()):
             logger.warning("skipping %s: no valid ground-truth depth pixel in the range/crop", name)
             self.skipped.append(name)
             return None
+        bad = int((nonfinite & mask).sum()) if nonfinite is not None else 0
+        if bad:
+            logger.warning("%s: %d predicted depths were NaN/inf (set as BTS does)", name, bad)
+            self.nonfinite_pixels += bad
+            self.nonfinite_images += 1
         values = depth_metrics(pred, gt, mask)
         for k, v in values.items():
             self.sums[k] += v

@@ -10,11 +10,11 @@ import torch
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from ..build import build_encoder
 from ..data.transforms import eval_transform
+from ..engine.utils import warmup_cosine
 from ..models.heads import EncoderClassifier
 from .config import DataSection, FinetuneConfig, MixupSection, OptimizationSection
 
@@ -138,23 +138,10 @@ def build_optimizer(groups: list[dict], opt: OptimizationSection, lr: float):
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(opt.betas))
 
 
-def build_scheduler(optimizer, opt: OptimizationSection, steps_per_epoch: int, lr: float):
-    """timm cosine schedule in optimizer steps: linear warmup from 0, then cosine to ``min_lr``.
-
-    Call ``step_update(step)`` before each optimizer step; each group gets ``lr * lr_scale``.
-    Equal to MAE's ``adjust_learning_rate`` evaluated per step.
-    """
-    total = opt.epochs * steps_per_epoch
-    warmup = int(round(opt.warmup_epochs * steps_per_epoch))
-    return CosineLRScheduler(
-        optimizer,
-        t_initial=max(total - warmup, 1),
-        lr_min=opt.min_lr,
-        warmup_t=warmup,
-        warmup_lr_init=0.0,
-        warmup_prefix=True,
-        t_in_epochs=False,
-    )
+def build_scheduler(optimizer, opt: OptimizationSection, steps_per_epoch: int):
+    """Per-step linear warmup from 0 over ``warmup_epochs``, then cosine to ``min_lr``
+    (``engine.utils.warmup_cosine``); call ``step_update(step)`` before each optimizer step."""
+    return warmup_cosine(optimizer, opt.epochs, steps_per_epoch, opt.warmup_epochs, opt.min_lr)
 
 
 def group_table(model: nn.Module, optimizer, lr: float) -> str:

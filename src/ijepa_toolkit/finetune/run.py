@@ -8,51 +8,43 @@ Run folder (``logging.folder``): ``config.yaml``, ``log.jsonl``, ``tensorboard/`
 from __future__ import annotations
 
 import logging
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from ..config import ConfigError, config_parser, parse_config, require, save_config, to_dict
+from ..config import config_parser, parse_config, require_paths, save_config, to_dict
 from ..data.digits import build_digits_imagefolder
 from ..data.folder import SafeImageFolder, collate_skip_none
 from ..data.sampler import ShardSampler
-from ..data.subsets import SubsetError, subset_of
+from ..data.subsets import subset_of
 from ..data.transforms import eval_transform
 from ..engine.distributed import DistInfo, barrier, cleanup, init_distributed
-from ..engine.logger import RunLogger, setup_console_logging, write_results
+from ..engine.logger import RunLogger, setup_console_logging
 from ..engine.resume import LAST, load_training_state, save_training_state, unwrap
 from ..engine.utils import seed_everything
-from ..models.heads import POOLS
+from ..errors import CheckpointError, ConfigError
+from ..formats import locate
+from ..io.read import read_checkpoint
+from ..io.save import save_checkpoint
+from ..run_folder import ALWAYS_ALLOWED, RunFolder, add_run_flags, lock_run, open_run
+from ..runs import run_main, write_results
 from . import recipe
 from .config import FinetuneConfig
 from .engine import StepOptions, TrainState, evaluate, train_one_epoch
 
 logger = logging.getLogger("ijepa_toolkit")
 BEST = "checkpoint-best.pth"
-MIXUP_MODES = ("batch", "pair", "elem")
+# what a --resume may change besides run_folder.ALWAYS_ALLOWED: when checkpoints are written
+RESUME_ALLOWED = (*ALWAYS_ALLOWED, "finetune.checkpoint_every")
 
 
 def check_config(cfg: FinetuneConfig) -> None:
-    """Refuse settings that would fail late or silently; each error names the key."""
-    d, o, ft = cfg.data, cfg.optimization, cfg.finetune
-    if not d.digits_root and not (d.train_root and d.val_root):
-        raise ConfigError("set data.train_root and data.val_root (ImageFolder roots)")
-    m = cfg.mixup
-    require([
-        ("data.batch_size", d.batch_size, d.batch_size >= 1, ">= 1"),
-        ("optimization.accum_iter", o.accum_iter, o.accum_iter >= 1, ">= 1"),
-        ("data.on_error", d.on_error, d.on_error in ("skip", "raise"), "'skip' or 'raise'"),
-        ("finetune.pool", ft.pool, ft.pool in POOLS, f"one of {tuple(POOLS)}"),
-        ("mixup.mode", m.mode, m.mode in MIXUP_MODES, f"one of {MIXUP_MODES} (timm Mixup)"),
-        ("mixup.smoothing", m.smoothing, 0 <= m.smoothing < 1, "in [0, 1)"),
-        ("optimization.layer_decay", o.layer_decay, 0 < o.layer_decay <= 1, "in (0, 1]"),
-        ("optimization.epochs", o.epochs, o.epochs >= 1, ">= 1"),
-        ("finetune.drop_path", ft.drop_path, 0 <= ft.drop_path < 1, "in [0, 1)"),
-    ])  # fmt: skip
+    """The check across sections (each section checks its own values when the config is built):
+    Mixup/CutMix need an even per-device batch."""
+    d = cfg.data
     if recipe.mixup_active(cfg.mixup) and d.batch_size % 2:
         raise ConfigError(
             f"data.batch_size={d.batch_size} is odd, but Mixup/CutMix pair images within each "
@@ -60,10 +52,35 @@ def check_config(cfg: FinetuneConfig) -> None:
         )
 
 
-def _roots(cfg: FinetuneConfig, dist: DistInfo) -> tuple[Path, Path]:
+def check_folders(cfg: FinetuneConfig) -> None:
+    """The image folders (digits are built at start) and the checkpoint file exist: before any
+    model is built or the run folder touched."""
+    d, paths = cfg.data, []
+    if not d.digits_root:
+        paths += [("data.train_folder", d.train_folder, "folder"),
+                  ("data.val_folder", d.val_folder, "folder")]  # fmt: skip
+    if cfg.model.checkpoint:
+        paths.append(("model.checkpoint", str(locate(cfg.model.checkpoint)), "file"))
+    require_paths(paths)
+
+
+@dataclass
+class Data:
+    """The datasets and loaders of one run."""
+
+    train: torch.utils.data.Dataset
+    val: SafeImageFolder
+    sampler: ShardSampler  # of the training loader
+    train_loader: DataLoader
+    val_loader: DataLoader
+    num_classes: int
+    steps_per_epoch: int
+
+
+def _folders(cfg: FinetuneConfig, dist: DistInfo) -> tuple[Path, Path]:
     d = cfg.data
     if not d.digits_root:
-        return Path(d.train_root), Path(d.val_root)
+        return Path(d.train_folder), Path(d.val_folder)
     if dist.is_main:
         build_digits_imagefolder(d.digits_root, size=d.img_size, per_class=d.digits_per_class)
     barrier()
@@ -83,6 +100,33 @@ def _loader(ds, batch_size: int, sampler: ShardSampler, cfg: FinetuneConfig, tra
     )
 
 
+def build_data(cfg: FinetuneConfig, dist: DistInfo) -> Data:
+    """ImageFolders (the training one restricted to ``cfg.subset``), sharded loaders."""
+    d, o = cfg.data, cfg.optimization
+    train_folder, val_folder = _folders(cfg, dist)
+    train = SafeImageFolder(train_folder, recipe.train_transform(d), on_error=d.on_error)
+    val_tf = eval_transform(d.img_size, d.crop_ratio, d.mean, d.std)
+    val = SafeImageFolder(val_folder, val_tf, on_error=d.on_error)
+    if train.classes != val.classes:
+        raise ConfigError(f"{train_folder} and {val_folder} have different class folders")
+    num_classes = len(train.classes)
+    subset = subset_of(train, cfg.subset)
+    if subset is not None:  # low-shot finetuning: 1percent.txt or N images per class
+        train = Subset(train, subset)
+    sampler = ShardSampler(len(train), dist.rank, dist.world_size, True, cfg.meta.seed)
+    train_loader = _loader(train, d.batch_size, sampler, cfg, train=True)
+    val_sampler = ShardSampler(len(val), dist.rank, dist.world_size)
+    val_batch = cfg.finetune.eval_batch_size or 2 * d.batch_size
+    val_loader = _loader(val, val_batch, val_sampler, cfg, train=False)
+    steps_per_epoch = len(train_loader) // o.accum_iter
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"{train_folder}: {len(train)} images make no full step of data.batch_size="
+            f"{d.batch_size} x accum_iter={o.accum_iter} x {dist.world_size} processes"
+        )
+    return Data(train, val, sampler, train_loader, val_loader, num_classes, steps_per_epoch)
+
+
 def _amp_dtype(cfg: FinetuneConfig, device: torch.device) -> Optional[torch.dtype]:
     if device.type != "cuda":
         return None
@@ -91,215 +135,211 @@ def _amp_dtype(cfg: FinetuneConfig, device: torch.device) -> Optional[torch.dtyp
     return torch.bfloat16 if cfg.meta.use_bfloat16 else None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
-    """Parse ``--fname cfg.yaml [--resume] [--eval [CKPT]] key=value ...`` and run; returns the
-    final metrics. Bad input exits with status 2 and one ``error:`` line."""
+class Finetuner:
+    """The optimizer, schedule, scaler, EMA, counters and run log around one classifier."""
+
+    def __init__(self, cfg: FinetuneConfig, model: torch.nn.Module, data: Data, dist: DistInfo):
+        o, ft = cfg.optimization, cfg.finetune
+        self.cfg, self.data, self.dist = cfg, data, dist
+        self.folder = Path(cfg.logging.folder)
+        self.amp_dtype = _amp_dtype(cfg, dist.device)
+        self.effective_batch = cfg.data.batch_size * o.accum_iter * dist.world_size
+        self.lr = recipe.absolute_lr(o, self.effective_batch)
+        self.optimizer = recipe.build_optimizer(recipe.param_groups(model, o), o, self.lr)
+        self.scheduler = recipe.build_scheduler(self.optimizer, o, data.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(
+            dist.device.type, enabled=self.amp_dtype == torch.float16
+        )
+        self.ema = None
+        if ft.model_ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=ft.model_ema_decay)
+        self.model = model
+        self.state = TrainState()
+        self.run_log = RunLogger(self.folder, enabled=dist.is_main,
+                                 tensorboard=cfg.logging.tensorboard)  # fmt: skip
+        self.opts = StepOptions(
+            device=dist.device, accum_iter=o.accum_iter, clip_grad=o.clip_grad,
+            amp_dtype=self.amp_dtype, scaler=self.scaler,
+            mixup=recipe.build_mixup(cfg.mixup, data.num_classes), ema=self.ema,
+            log_freq=cfg.logging.log_freq, checkpoint_every=ft.checkpoint_every,
+            steps_per_epoch=data.steps_per_epoch,
+        )  # fmt: skip
+        self.criterion = recipe.build_criterion(cfg.mixup)
+
+    def describe(self) -> None:
+        d = self.data
+        logger.info("%d classes, %d train / %d val images; effective batch %d, lr %.3e, %d steps "
+                    "per epoch", d.num_classes, len(d.train), len(d.val), self.effective_batch,
+                    self.lr, d.steps_per_epoch)  # fmt: skip
+        logger.info(
+            "parameter groups:\n%s", recipe.group_table(self.model, self.optimizer, self.lr)
+        )
+
+    def resume(self, path: Path) -> None:
+        """Weights, optimizer, scaler, EMA, counters and RNG of ``save_last``'s checkpoint."""
+        obj = load_training_state(path, self.model, self.optimizer, self.scaler,
+                                  rank=self.dist.rank)  # fmt: skip
+        self.state = TrainState(obj["epoch"], obj["step"], obj["batch"], obj["best_top1"])
+        sums = dict(obj.get("epoch_sums") or {})
+        if self.dist.rank != 0:
+            sums.pop("skipped", None)  # the saved count is every rank's: rank 0 carries it
+        for key, value in sums.items():
+            setattr(self.state, key, value)
+        if self.ema is not None and obj.get("model_ema") is not None:
+            self.ema.module.load_state_dict(obj["model_ema"])
+        self.opts.last_good = path
+
+    def wrap_ddp(self) -> None:
+        if self.dist.distributed:
+            ids = [self.dist.local_rank] if self.dist.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def save_last(self) -> None:
+        """``checkpoint-last.pth``: everything an exact resume needs (every rank calls it)."""
+        s = self.state
+        save_training_state(
+            self.folder / LAST, model=self.model, optimizer=self.optimizer, scaler=self.scaler,
+            epoch=s.epoch, step=s.step, is_main=self.dist.is_main, batch=s.batch,
+            best_top1=s.best_top1, epoch_sums=s.epoch_sums(self.dist.device),
+            model_ema=self.ema.module.state_dict() if self.ema is not None else None,
+            config=to_dict(self.cfg),
+        )  # fmt: skip
+        self.opts.last_good = self.folder / LAST
+
+    def save_best(self, metrics: dict) -> None:
+        """``checkpoint-best.pth`` (weights only) when ``metrics`` beat the best top-1 so far."""
+        if metrics["acc1"] <= self.state.best_top1:
+            return
+        self.state.best_top1 = metrics["acc1"]
+        if self.dist.is_main:
+            save_checkpoint(
+                {"model": unwrap(self.model).state_dict(), "epoch": self.state.epoch,
+                 "metrics": metrics, "config": to_dict(self.cfg)},
+                self.folder / BEST,
+            )  # fmt: skip
+
+    def epoch(self, epoch: int) -> dict:
+        """Train epoch ``epoch`` (the rest of it after a mid-epoch resume), evaluate, log, save."""
+        cfg, d, state = self.cfg, self.data, self.state
+        d.sampler.set_epoch(epoch, start=state.batch * cfg.data.batch_size)
+        d.train_loader.generator.manual_seed(cfg.meta.seed * 100003 + epoch * 1009 + self.dist.rank)
+        train = train_one_epoch(self.model, self.criterion, d.train_loader, self.optimizer,
+                                self.scheduler, state, self.opts, self.run_log,
+                                save=self.save_last)  # fmt: skip
+        state.new_epoch()
+        metrics = self.evaluate(self.model)
+        row = {f"val_{k}": v for k, v in metrics.items()}
+        if self.ema is not None:
+            row.update({f"ema_{k}": v for k, v in self.evaluate(self.ema.module).items()})
+        self.run_log.log(step=state.step, epoch=state.epoch, train_loss=train["loss"],
+                         train_skipped=train["skipped"], train_overflow_skipped=train["overflow"],
+                         **row)  # fmt: skip
+        logger.info("epoch %d: train loss %.4f, val acc@1 %.2f acc@5 %.2f (%d images, %d skipped)",
+                    state.epoch, train["loss"], metrics["acc1"], metrics["acc5"],
+                    metrics["images"], metrics["skipped"] + train["skipped"])  # fmt: skip
+        self.save_best(metrics)
+        self.save_last()
+        return metrics
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        return evaluate(model, self.data.val_loader, self.dist.device, self.amp_dtype)
+
+    def fit(self) -> dict:
+        """Train the remaining epochs; returns the final validation metrics."""
+        metrics = None
+        for epoch in range(self.state.epoch, self.cfg.optimization.epochs):
+            metrics = self.epoch(epoch)
+        if metrics is None:  # resumed a finished run
+            metrics = self.evaluate(self.model)
+        self.run_log.close()
+        return metrics
+
+    def write_results(self, metrics: dict) -> None:
+        m, s = self.cfg.model, self.state
+        write_results(
+            self.folder, "finetune", {"top1": metrics["acc1"], "top5": metrics["acc5"]},
+            encoder_checkpoint=m.checkpoint, which=m.which,
+            output_checkpoint=str(self.folder / LAST), settings=to_dict(self.cfg),
+            best_top1=s.best_top1, epochs=s.epoch, steps=s.step,
+            train_images=len(self.data.train), val_images=metrics["images"],
+            val_skipped=metrics["skipped"],
+        )  # fmt: skip
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``--fname cfg.yaml [--resume | --overwrite] [--eval [CKPT]] key=value ...``; returns the
+    exit status (``runs.run_main``: bad input 2, a diverged loss 1)."""
     parser = config_parser("MAE-recipe finetuning of an I-JEPA encoder")
+    add_run_flags(parser)
     parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from logging.folder/checkpoint-last.pth if it exists",
-    )
-    parser.add_argument(
-        "--eval",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="CKPT",
+        "--eval", nargs="?", const="", default=None, metavar="CKPT",
         help="only evaluate CKPT (default: logging.folder/checkpoint-best.pth)",
-    )
-    cfg, args = parse_config(FinetuneConfig, parser, argv)
-    try:
-        check_config(cfg)
-        return run(cfg, resume=args.resume, eval_ckpt=args.eval)
-    except (ConfigError, CheckpointError, SubsetError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    finally:
-        cleanup()
+    )  # fmt: skip
+    parser.add_argument(
+        "--check", action="store_true",
+        help="check config, folders and checkpoint file, then exit (finetune.sh: before torchrun)",
+    )  # fmt: skip
+
+    def work() -> None:
+        cfg, args = parse_config(FinetuneConfig, parser, argv)
+        if args.check:
+            check_config(cfg)
+            check_folders(cfg)
+            return
+        run(cfg, resume=args.resume, eval_ckpt=args.eval, overwrite=args.overwrite)
+
+    return run_main(work, cleanup)
 
 
-def run(cfg: FinetuneConfig, resume: bool = False, eval_ckpt: Optional[str] = None) -> dict:
-    """Finetune (or, with ``eval_ckpt``, only evaluate) as ``cfg`` says; returns final metrics."""
+def run(
+    cfg: FinetuneConfig,
+    resume: bool = False,
+    eval_ckpt: Optional[str] = None,
+    overwrite: bool = False,
+) -> dict:
+    """Finetune (or, with ``eval_ckpt``, only evaluate) as ``cfg`` says; returns final metrics.
+
+    The run owns ``logging.folder`` (``run_folder.open_run``: locked; another run's outputs
+    need ``resume`` or ``overwrite``); an evaluation only locks it."""
+    check_config(cfg)
+    check_folders(cfg)
+    folder = Path(cfg.logging.folder)
+    if eval_ckpt is not None:
+        own = lock_run(folder)
+    else:
+        own = open_run(folder, to_dict(cfg), resume=resume, overwrite=overwrite,
+                       allowed=RESUME_ALLOWED)  # fmt: skip
+    with own:
+        return _run(cfg, own, eval_ckpt)
+
+
+def _run(cfg: FinetuneConfig, own: RunFolder, eval_ckpt: Optional[str]) -> dict:
+    folder = own.path
     dist = init_distributed(cfg.meta.device)
     setup_console_logging(dist.is_main)
     seed_everything(cfg.meta.seed, dist.rank)
-    device, d, o, ft = dist.device, cfg.data, cfg.optimization, cfg.finetune
-    folder = Path(cfg.logging.folder)
-
-    train_root, val_root = _roots(cfg, dist)
-    train_ds = SafeImageFolder(train_root, recipe.train_transform(d), on_error=d.on_error)
-    val_ds = SafeImageFolder(
-        val_root, eval_transform(d.img_size, d.crop_ratio, d.mean, d.std), on_error=d.on_error
-    )
-    if train_ds.classes != val_ds.classes:
-        raise ConfigError(f"{train_root} and {val_root} have different class folders")
-    num_classes = len(train_ds.classes)
-    subset = subset_of(train_ds, cfg.subset)
-    if subset is not None:  # low-shot finetuning: 1percent.txt or N images per class
-        train_ds = Subset(train_ds, subset)
-    train_sampler = ShardSampler(len(train_ds), dist.rank, dist.world_size, True, cfg.meta.seed)
-    val_sampler = ShardSampler(len(val_ds), dist.rank, dist.world_size)
-    train_loader = _loader(train_ds, d.batch_size, train_sampler, cfg, train=True)
-    val_loader = _loader(val_ds, ft.eval_batch_size or 2 * d.batch_size, val_sampler, cfg, False)
-    steps_per_epoch = len(train_loader) // o.accum_iter
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"{train_root}: {len(train_ds)} images make no full step of data.batch_size="
-            f"{d.batch_size} x accum_iter={o.accum_iter} x {dist.world_size} processes"
-        )
-
-    model = recipe.build_classifier(cfg, num_classes).to(device)
-    amp_dtype = _amp_dtype(cfg, device)
+    data = build_data(cfg, dist)
+    model = recipe.build_classifier(cfg, data.num_classes).to(dist.device)
+    if eval_ckpt is not None:  # trains nothing: config.yaml stays the training run's
+        return _evaluate_only(cfg, model, eval_ckpt or str(folder / BEST), data, dist)
     if dist.is_main:
         save_config(cfg, folder)
-    if eval_ckpt is not None:
-        return _evaluate_only(
-            model, eval_ckpt or str(folder / BEST), val_loader, device, amp_dtype, folder, dist
-        )
-
-    effective_batch = d.batch_size * o.accum_iter * dist.world_size
-    lr = recipe.absolute_lr(o, effective_batch)
-    optimizer = recipe.build_optimizer(recipe.param_groups(model, o), o, lr)
-    scheduler = recipe.build_scheduler(optimizer, o, steps_per_epoch, lr)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = None
-    if ft.model_ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=ft.model_ema_decay)
-    logger.info(
-        "%d classes, %d train / %d val images; effective batch %d, lr %.3e, %d steps per epoch",
-        num_classes,
-        len(train_ds),
-        len(val_ds),
-        effective_batch,
-        lr,
-        steps_per_epoch,
-    )
-    logger.info("parameter groups:\n%s", recipe.group_table(model, optimizer, lr))
-
-    run_log = RunLogger(folder, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard)
-    state = TrainState()
-    if resume:
-        run_log.skip_logged()
-        if (folder / LAST).is_file():
-            obj = load_training_state(folder / LAST, model, optimizer, scaler, rank=dist.rank)
-            state = TrainState(obj["epoch"], obj["step"], obj["batch"], obj["best_top1"])
-            if ema is not None and obj.get("model_ema") is not None:
-                ema.module.load_state_dict(obj["model_ema"])
-        else:
-            logger.warning("--resume: no %s in %s; starting from scratch", LAST, folder)
-    if dist.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if device.type == "cuda" else None
-        )
-
-    def save_last() -> None:
-        save_training_state(
-            folder / LAST,
-            model=model,
-            optimizer=optimizer,
-            scaler=scaler,
-            epoch=state.epoch,
-            step=state.step,
-            is_main=dist.is_main,
-            batch=state.batch,
-            best_top1=state.best_top1,
-            model_ema=ema.module.state_dict() if ema is not None else None,
-            config=to_dict(cfg),
-        )
-
-    opts = StepOptions(
-        device=device,
-        accum_iter=o.accum_iter,
-        clip_grad=o.clip_grad,
-        amp_dtype=amp_dtype,
-        scaler=scaler,
-        mixup=recipe.build_mixup(cfg.mixup, num_classes),
-        ema=ema,
-        log_freq=cfg.logging.log_freq,
-        checkpoint_every=ft.checkpoint_every,
-        steps_per_epoch=steps_per_epoch,
-    )
-    criterion = recipe.build_criterion(cfg.mixup)
-    metrics = None
-    for epoch in range(state.epoch, o.epochs):
-        train_sampler.set_epoch(epoch, start=state.batch * d.batch_size)
-        train_loader.generator.manual_seed(cfg.meta.seed * 100003 + epoch * 1009 + dist.rank)
-        train = train_one_epoch(
-            model,
-            criterion,
-            train_loader,
-            optimizer,
-            scheduler,
-            state,
-            opts,
-            run_log,
-            save=save_last,
-        )
-        state.epoch, state.batch = epoch + 1, 0
-        metrics = evaluate(model, val_loader, device, amp_dtype)
-        row = {f"val_{k}": v for k, v in metrics.items()}
-        if ema is not None:
-            row.update(
-                {
-                    f"ema_{k}": v
-                    for k, v in evaluate(ema.module, val_loader, device, amp_dtype).items()
-                }
-            )
-        run_log.log(
-            step=state.step,
-            epoch=state.epoch,
-            train_loss=train["loss"],
-            train_skipped=train["skipped"],
-            train_overflow_skipped=train["overflow"],
-            **row,
-        )
-        logger.info(
-            "epoch %d: train loss %.4f, val acc@1 %.2f acc@5 %.2f (%d images, %d skipped)",
-            state.epoch,
-            train["loss"],
-            metrics["acc1"],
-            metrics["acc5"],
-            metrics["images"],
-            metrics["skipped"] + train["skipped"],
-        )
-        if metrics["acc1"] > state.best_top1:
-            state.best_top1 = metrics["acc1"]
-            if dist.is_main:
-                save_checkpoint(
-                    {
-                        "model": unwrap(model).state_dict(),
-                        "epoch": state.epoch,
-                        "metrics": metrics,
-                        "config": to_dict(cfg),
-                    },
-                    folder / BEST,
-                )
-        save_last()
-    if metrics is None:  # resumed a finished run
-        metrics = evaluate(model, val_loader, device, amp_dtype)
-    run_log.close()
+    trainer = Finetuner(cfg, model, data, dist)
+    trainer.describe()
+    if own.start is not None:
+        trainer.resume(own.start)
+    own.resumed(trainer.run_log, trainer.state.step if own.start is not None else -1)
+    trainer.wrap_ddp()
+    metrics = trainer.fit()
     if dist.is_main:
-        write_results(
-            folder,
-            "finetune",
-            {"top1": metrics["acc1"], "top5": metrics["acc5"]},
-            best_top1=state.best_top1,
-            epochs=state.epoch,
-            steps=state.step,
-            train_images=len(train_ds),
-            val_images=metrics["images"],
-            val_skipped=metrics["skipped"],
-            checkpoint=str(folder / LAST),
-            encoder=cfg.model.checkpoint or "random init",
-        )
+        trainer.write_results(metrics)
     return metrics
 
 
 def _evaluate_only(
-    model, ckpt: str, val_loader, device, amp_dtype, folder: Path, dist: DistInfo
+    cfg: FinetuneConfig, model: torch.nn.Module, ckpt: str, data: Data, dist: DistInfo
 ) -> dict:
     """Load a finetuned ``{"model": ...}`` checkpoint strictly and evaluate it."""
     obj = read_checkpoint(ckpt)
@@ -307,21 +347,17 @@ def _evaluate_only(
         model.load_state_dict(obj["model"])
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"{ckpt}: not a finetuned checkpoint of this model ({e})") from None
-    metrics = evaluate(model, val_loader, device, amp_dtype)
-    logger.info(
-        "%s: acc@1 %.2f acc@5 %.2f on %d images",
-        ckpt,
-        metrics["acc1"],
-        metrics["acc5"],
-        metrics["images"],
-    )
+    metrics = evaluate(model, data.val_loader, dist.device, _amp_dtype(cfg, dist.device))
+    logger.info("%s: acc@1 %.2f acc@5 %.2f on %d images", ckpt, metrics["acc1"],
+                metrics["acc5"], metrics["images"])  # fmt: skip
     if dist.is_main:
         write_results(
-            folder,
-            "finetune",
-            {"top1": metrics["acc1"], "top5": metrics["acc5"]},
-            val_images=metrics["images"],
-            checkpoint=ckpt,
-            eval_only=True,
-        )
+            cfg.logging.folder, "finetune", {"top1": metrics["acc1"], "top5": metrics["acc5"]},
+            encoder_checkpoint=ckpt, which="model", settings=to_dict(cfg),
+            val_images=metrics["images"], eval_only=True,
+        )  # fmt: skip
     return metrics
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

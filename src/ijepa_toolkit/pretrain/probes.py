@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from ..data.folder import SafeImageFolder, collate_skip_none
 from ..data.transforms import eval_transform
-from ..eval.knn import knn_scores, topk_accuracy
+from ..eval.knn import knn_features
 from ..eval.rank import lidar, view_features
 
 
@@ -44,9 +44,7 @@ def knn_probe(
     """Top-1 (%) of the weighted kNN classifier (k neighbours, T 0.07) on pooled features."""
     x_tr, y_tr = folder_features(encoder, train_folder, img_size, device)
     x_va, y_va = folder_features(encoder, val_folder, img_size, device)
-    num_classes = int(max(y_tr.max(), y_va.max())) + 1
-    scores = knn_scores(x_tr, y_tr, x_va, num_classes, ks=(k,))[k]
-    return topk_accuracy(scores, y_va, topk=(1,))[1]
+    return knn_features(x_tr, y_tr, x_va, y_va, ks=(k,))[f"top1@k{k}"]
 
 
 @torch.no_grad()

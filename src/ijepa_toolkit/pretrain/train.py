@@ -16,21 +16,35 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from ..config import ConfigError, LoggingSection, MetaSection, require, save_config, to_dict
+from ..config import (
+    LoggingSection,
+    MetaSection,
+    config_parser,
+    parse_config,
+    require,
+    require_paths,
+    save_config,
+    to_dict,
+)
 from ..data.folder import SafeImageFolder, collate_skip_none
-from ..engine.distributed import DistInfo, all_gather_cat, all_reduce_sum, barrier
-from ..engine.logger import RunLogger, write_results
+from ..engine.distributed import (
+    DistInfo,
+    all_gather_cat,
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    init_distributed,
+)
+from ..engine.logger import RunLogger, setup_console_logging
 from ..engine.resume import (
     LAST,
     gather_objects,
@@ -39,9 +53,14 @@ from ..engine.resume import (
     restore_rng_states,
 )
 from ..engine.utils import autocast, progress, seed_everything
+from ..errors import CheckpointError, ConfigError
 from ..eval.rank import rankme
+from ..io.read import read_checkpoint
+from ..io.save import save_checkpoint
 from ..masks.multiblock import MaskSection, MultiBlockMaskSampler
 from ..models.diffmoe import moe_aux_loss
+from ..run_folder import ALWAYS_ALLOWED, RunFolder, add_run_flags, open_run
+from ..runs import check_finite, run_main, write_results
 from .data import DataSection, GlobalBatchSampler, pretrain_transform, resolve_folders
 from .model import (
     ContextPath,
@@ -51,19 +70,24 @@ from .model import (
     prediction_loss,
     targets_at,
 )
-from .packing import PackingSection, PackingStream, encode_packed, packed_loss, per_image_mean
+from .packing import (
+    PAD,
+    PackingSection,
+    PackingStream,
+    encode_packed,
+    packed_loss,
+    per_image_mean,
+)
 from .probes import knn_probe, lidar_probe
 from .schedules import Schedules
-from .targets import TargetNorm
+from .targets import TargetNorm, target_token_mask
 from .token_drop import TokenDrop, sample_token_drop
 
 logger = logging.getLogger("ijepa_toolkit")
 SUBMODULES = ("encoder", "predictor", "target_encoder")
-
-
-@dataclass
-class PretrainMeta(MetaSection):
-    resume: bool = True  # continue from logging.folder/checkpoint-last.pth when it exists
+# what a --resume may change besides run_folder.ALWAYS_ALLOWED: when checkpoints and RankMe
+# rows are written (RankMe reads the step's targets, it draws no random number)
+RESUME_ALLOWED = (*ALWAYS_ALLOWED, "logging.checkpoint_freq", "logging.rankme_freq")
 
 
 @dataclass
@@ -81,6 +105,13 @@ class OptimizationSection:
     weight_decay: float = 0.04
     clip_grad: float = 0.0  # max grad norm; 0 = no clipping (official)
 
+    def checks(self) -> list[tuple[str, Any, bool, str]]:
+        lo, hi = self.ema
+        return [
+            ("ema", self.ema, 0 <= lo <= hi <= 1, "[start, end] with 0 <= start <= end <= 1"),
+            ("epochs", self.epochs, self.epochs >= 1, ">= 1"),
+        ]
+
 
 @dataclass
 class PretrainLogging(LoggingSection):
@@ -95,17 +126,13 @@ class PretrainLogging(LoggingSection):
 
 @dataclass
 class PretrainConfig:
-    meta: PretrainMeta = field(default_factory=PretrainMeta)
+    meta: MetaSection = field(default_factory=MetaSection)
     data: DataSection = field(default_factory=DataSection)
     mask: MaskSection = field(default_factory=MaskSection)
     model: ModelSection = field(default_factory=ModelSection)
     optimization: OptimizationSection = field(default_factory=OptimizationSection)
     logging: PretrainLogging = field(default_factory=PretrainLogging)
     packing: PackingSection = field(default_factory=PackingSection)
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
 
 
 def param_groups(encoder: torch.nn.Module, predictor: torch.nn.Module) -> list[dict]:
@@ -124,29 +151,32 @@ def param_groups(encoder: torch.nn.Module, predictor: torch.nn.Module) -> list[d
     return groups
 
 
-def _interval(pair: Sequence[float], lo: float, hi: float) -> bool:
-    """``pair`` is ``[a, b]`` with ``lo <= a <= b <= hi``."""
-    return len(pair) == 2 and lo <= pair[0] <= pair[1] <= hi
-
-
 def check_values(cfg: PretrainConfig) -> None:
-    """Values that would fail deep inside a step, or train something else than asked, silently."""
-    mk, o, m = cfg.mask, cfg.optimization, cfg.model
+    """Checks across sections (each section checks its own values when the config is built)."""
+    mk, m, b = cfg.mask, cfg.model, cfg.data.batch_size
     require([
-        ("mask.num_pred_masks", mk.num_pred_masks, mk.num_pred_masks >= 1, ">= 1"),
-        ("mask.num_enc_masks", mk.num_enc_masks, mk.num_enc_masks >= 1, ">= 1"),
-        ("mask.pred_mask_scale", mk.pred_mask_scale, _interval(mk.pred_mask_scale, 0, 1),
-         "[min, max] with 0 <= min <= max <= 1"),
-        ("mask.enc_mask_scale", mk.enc_mask_scale, _interval(mk.enc_mask_scale, 0, 1),
-         "[min, max] with 0 <= min <= max <= 1"),
-        ("mask.aspect_ratio", mk.aspect_ratio, _interval(mk.aspect_ratio, 1e-6, math.inf),
-         "[min, max] with 0 < min <= max"),
-        ("optimization.ema", o.ema, _interval(o.ema, 0, 1),
-         "[start, end] with 0 <= start <= end <= 1"),
-        ("optimization.epochs", o.epochs, o.epochs >= 1, ">= 1"),
-        ("data.batch_size", cfg.data.batch_size, cfg.data.batch_size >= 1, ">= 1"),
-        ("model.stop_sigma", m.stop_sigma, m.stop_sigma >= 0, ">= 0"),
+        ("mask.group_size", mk.group_size, not mk.group_size or b % mk.group_size == 0,
+         f"a divisor of data.batch_size={b} (or 0: the batch)"),
     ])  # fmt: skip
+    if cfg.packing.enabled and (
+        m.num_registers or m.pred_num_registers or m.pred_capacity < 1 or m.pred_repeats > 1
+        or m.moe_experts or m.stop
+    ):  # fmt: skip
+        raise ConfigError(
+            "packing.enabled=true works without model.num_registers, model.pred_num_registers, "
+            "model.moe_experts, model.stop and predictor token dropping"
+        )
+    if m.tome_rates and not cfg.packing.enabled:
+        raise ConfigError("model.tome_rates is implemented for packed rows: set packing.enabled")
+
+
+def check_folders(cfg: PretrainConfig) -> None:
+    """The data folders exist: cheap, before any model is built."""
+    d = cfg.data
+    if not d.digits_root:  # (digits: built at start, the kNN folders are their splits)
+        knn = [(f"data.{k}", getattr(d, k), "folder") for k in ("knn_train_folder",
+               "knn_val_folder") if getattr(d, k)]  # fmt: skip
+        require_paths([("data.train_folder", d.train_folder, "folder"), *knn])
 
 
 def _prefixed(module: torch.nn.Module) -> dict:
@@ -161,53 +191,39 @@ class Pretrainer:
     """Builds everything a config names and runs (or resumes) the pretraining."""
 
     def __init__(self, cfg: PretrainConfig, dist_info: DistInfo):
-        self.cfg, self.dist = cfg, dist_info
         check_values(cfg)
-        if cfg.mask.group_size and cfg.data.batch_size % cfg.mask.group_size:
-            raise ConfigError(
-                f"mask.group_size={cfg.mask.group_size} must divide "
-                f"data.batch_size={cfg.data.batch_size}"
-            )
-        m = cfg.model
-        if m.num_registers < 0 or m.pred_num_registers < 0:
-            raise ConfigError(
-                f"model.num_registers={m.num_registers} and "
-                f"model.pred_num_registers={m.pred_num_registers} must be >= 0"
-            )
-        if not 0 < m.pred_capacity <= 1 or m.pred_repeats < 1:
-            raise ConfigError(
-                f"model.pred_capacity={m.pred_capacity} must be in (0, 1] and "
-                f"model.pred_repeats={m.pred_repeats} at least 1"
-            )
-        if not m.pred_replacement and m.pred_capacity * m.pred_repeats > 1 + 1e-9:
-            raise ConfigError(
-                f"model.pred_capacity={m.pred_capacity} x model.pred_repeats={m.pred_repeats} > 1: "
-                "disjoint subsets need capacity * repeats <= 1 (or model.pred_replacement=true)"
-            )
-        if cfg.packing.enabled and (
-            m.num_registers or m.pred_num_registers or m.pred_capacity < 1 or m.pred_repeats > 1
-            or m.moe_experts or m.target_norm not in ("layernorm", "none") or m.stop
-        ):  # fmt: skip
-            raise ConfigError(
-                "packing.enabled=true works with model.target_norm layernorm/none and without "
-                "model.num_registers, model.pred_num_registers, model.moe_experts, model.stop and "
-                "predictor token dropping"
-            )
-        if m.tome_rates and not cfg.packing.enabled:
-            raise ConfigError(
-                "model.tome_rates is implemented for packed rows: set packing.enabled"
-            )
-        self.device = dist_info.device
+        check_folders(cfg)
+        self.cfg, self.dist, self.device = cfg, dist_info, dist_info.device
         self.folder = Path(cfg.logging.folder)
         self.ckpt_path = self.folder / LAST
+        self.last_good: Optional[Path] = None  # newest checkpoint written or resumed from
         torch.manual_seed(cfg.meta.seed)  # identical initial weights on every rank
         self.encoder, self.predictor, self.target_encoder = (
             m.to(self.device) for m in build_models(cfg.model, cfg.data.crop_size)
         )
         seed_everything(cfg.meta.seed, dist_info.rank)  # each rank its own data / noise stream
-        self.context = ContextPath(self.encoder, self.predictor, cfg.model.tome_rates)
+        self.context = ContextPath(
+            self.encoder, self.predictor, cfg.model.tome_rates, cfg.model.tome_placement,
+            cfg.model.tome_mode,
+        )  # fmt: skip
         self.target_norm = TargetNorm(cfg.model.target_norm, self.encoder.embed_dim).to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.encoder, self.predictor))
+        self._build_data()
+        grid = cfg.data.crop_size // self.encoder.arch.patch_size
+        self.masks = MultiBlockMaskSampler((grid, grid), cfg.mask)
+        self.packer = PackingStream(self.encoder.arch.patch_size, cfg.packing)
+        self.model = self.context
+        if dist_info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.context, device_ids=ids)
+        self.epoch, self.step = 0, 0
+        self.metrics: dict = {}  # the results so far: probes at init, the last epoch's values
+        self.log = RunLogger(self.folder, enabled=dist_info.is_main,
+                             tensorboard=cfg.logging.tensorboard)  # fmt: skip
+
+    def _build_data(self) -> None:
+        """Transform, image folder, world-size-free batch sampler, loader and the schedules."""
+        cfg, dist_info = self.cfg, self.dist
         train_folder, self.knn_train, self.knn_val = resolve_folders(cfg.data)
         self.transform = pretrain_transform(cfg.data)
         dataset = SafeImageFolder(train_folder, transform=self.transform)
@@ -226,22 +242,13 @@ class Pretrainer:
             weight_decay=opt.weight_decay, final_weight_decay=opt.final_weight_decay,
             ema=tuple(opt.ema), ipe_scale=opt.ipe_scale,
         )  # fmt: skip
-        grid = cfg.data.crop_size // self.encoder.arch.patch_size
-        self.masks = MultiBlockMaskSampler((grid, grid), cfg.mask)
-        self.packer = PackingStream(self.encoder.arch.patch_size, cfg.packing)
-        self.model = self.context
-        if dist_info.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(self.context, device_ids=ids)
-        self.epoch, self.step = 0, 0
-        self.log = RunLogger(self.folder, enabled=dist_info.is_main,
-                             tensorboard=cfg.logging.tensorboard)  # fmt: skip
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self, loss: float) -> None:
         """Write ``checkpoint-last.pth`` atomically (every rank calls: RNG states are gathered)."""
         rngs = gather_rng_states()
         waiting = gather_objects(self.packer.state_dict())
+        self.last_good = self.ckpt_path  # (on every rank: the path rank 0 writes now)
         if not self.dist.is_main:
             return
         obj = {name: _prefixed(getattr(self, name)) for name in SUBMODULES}
@@ -250,7 +257,7 @@ class Pretrainer:
             batch_size=self.cfg.data.batch_size, world_size=self.dist.world_size,
             lr=self.cfg.optimization.lr, step=self.step, rng=rngs,
             target_norm=self.target_norm.state_dict(), config=to_dict(self.cfg),
-            packing_waiting=waiting,
+            packing_waiting=waiting, metrics=self.metrics,
         )  # fmt: skip
         save_checkpoint(obj, self.ckpt_path)
 
@@ -267,6 +274,7 @@ class Pretrainer:
         load_part(self.optimizer, obj["opt"], self.ckpt_path, "opt")
         load_part(self.target_norm, obj["target_norm"], self.ckpt_path, "target_norm")
         self.epoch, self.step = int(obj["epoch"]), int(obj["step"])
+        self.metrics = dict(obj.get("metrics") or {})  # a finished run's results stay its own
         restore_rng_states(obj["rng"], self.dist.rank, self.ckpt_path)
         waiting = obj.get("packing_waiting") or []
         if self.dist.rank < len(waiting):
@@ -275,6 +283,7 @@ class Pretrainer:
             logger.warning("%s: saved with %d ranks; rank %d starts with no carried-over images",
                            self.ckpt_path, len(waiting), self.dist.rank)  # fmt: skip
         logger.info("resumed from %s: epoch %d, step %d", self.ckpt_path, self.epoch, self.step)
+        self.last_good = self.ckpt_path
 
     # -- one iteration ---------------------------------------------------------------------
     def sample_masks(self, n: int) -> list[tuple[slice, list[torch.Tensor], list[torch.Tensor]]]:
@@ -309,7 +318,13 @@ class Pretrainer:
         if m.pred_capacity >= 1.0 and m.pred_repeats == 1:
             return None
         return sample_token_drop(
-            masks_enc, masks_pred, m.pred_capacity, m.pred_repeats, m.pred_replacement
+            masks_enc,
+            masks_pred,
+            m.pred_capacity,
+            m.pred_repeats,
+            m.pred_replacement,
+            window=m.pred_window,
+            grid_w=self.cfg.data.crop_size // self.encoder.arch.patch_size,
         )
 
     def train_step(self, images: torch.Tensor) -> dict:
@@ -329,13 +344,8 @@ class Pretrainer:
         else:
             total, pooled = self.masked_loss(images)
         loss_value = float(all_reduce_sum(total)) / self.dist.world_size
-        if not math.isfinite(loss_value):
-            last = (f"{self.ckpt_path} (epoch {self.epoch})" if self.ckpt_path.exists()
-                    else "none written yet")  # fmt: skip
-            raise TrainingDiverged(
-                f"loss is {loss_value} at step {self.step} (epoch {self.epoch}); stopping before "
-                f"the update. Last good checkpoint: {last}"
-            )
+        where = f"step {self.step + 1} (epoch {self.epoch + 1})"
+        check_finite(loss_value, where, self.last_good)
         params = [p for p in self.context.parameters() if p.requires_grad]
         max_norm = self.cfg.optimization.clip_grad or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -361,7 +371,7 @@ class Pretrainer:
         groups = self.sample_masks(len(images))
         with autocast(self.device, self.cfg.meta.use_bfloat16), torch.no_grad():
             tokens = self.target_encoder.forward_features(images)
-            normed = self.target_norm(tokens)
+            normed = self.target_norm(tokens, target_token_mask(groups, tokens.shape[:2]))
         total = torch.zeros((), device=self.device)
         for i, (rows, masks_enc, masks_pred) in enumerate(groups):
             last = i == len(groups) - 1
@@ -397,9 +407,9 @@ class Pretrainer:
                 self.target_encoder, torch.cat([batch.ctx_px, batch.tgt_px], dim=1),
                 torch.cat([batch.ctx_ids, batch.tgt_ids], dim=1),
                 torch.cat([batch.ctx_gsample, batch.tgt_gsample], dim=1), batch.grids,
-                self.cfg.model.tome_rates,
+                self.cfg.model.tome_rates, self.cfg.model.tome_placement, self.cfg.model.tome_mode,
             )  # fmt: skip
-            target = self.target_norm(tokens[:, n_ctx:])
+            target = self.target_norm(tokens[:, n_ctx:], batch.tgt_gsample != PAD)
         with autocast(self.device, self.cfg.meta.use_bfloat16):
             z = self.model(batch)
             loss = packed_loss(z, target, batch.tgt_gsample, self.cfg.model.loss)
@@ -438,7 +448,7 @@ class Pretrainer:
         if initial:
             self.log.log(0, epoch=0, **initial)
             logger.info("before training: %s", initial)
-        metrics: dict = {}
+        self.metrics.update(initial)
         while self.epoch < epochs:
             self.sampler.set_epoch(self.epoch)
             self.context.train()
@@ -451,10 +461,13 @@ class Pretrainer:
                 images = batch[0].to(self.device, non_blocking=True)
                 row = self.train_step(images)
                 losses.append(row["loss"])
+                batches.set(loss=row["loss"], lr=row.get("lr"))
                 if self.step % cfg.logging.log_freq == 0 or "rankme" in row:
                     self.log.log(self.step, epoch=self.epoch, **row)
             self.epoch += 1
             metrics = {"loss": sum(losses) / len(losses), **self.probes()}
+            initial = {k: v for k, v in self.metrics.items() if k.endswith("_init")}
+            self.metrics = {**initial, **metrics}
             seconds = time.time() - start
             extra = {k: v for k, v in metrics.items() if k != "loss"}
             self.log.log(self.step, epoch=self.epoch, epoch_loss=metrics["loss"],
@@ -463,28 +476,58 @@ class Pretrainer:
                         seconds, extra)  # fmt: skip
             if self.epoch % cfg.logging.checkpoint_freq == 0 or self.epoch == epochs:
                 self.save(metrics["loss"])
-        return {**initial, **metrics}
+        return self.metrics
 
 
-def pretrain(cfg: PretrainConfig, dist_info: DistInfo) -> dict:
-    """Run (or resume) a pretraining; writes config, logs, checkpoint and ``results.json``."""
+def pretrain(
+    cfg: PretrainConfig, dist_info: DistInfo, resume: bool = False, overwrite: bool = False
+) -> dict:
+    """Run (``resume``: continue) a pretraining; writes config, logs, checkpoint, results.json.
+
+    The run owns ``logging.folder`` (``run_folder.open_run``): a folder holding another run's
+    outputs needs ``resume`` or ``overwrite``, and a resume with changed settings is refused."""
+    check_values(cfg)
+    check_folders(cfg)  # (before --overwrite deletes anything)
+    own = open_run(cfg.logging.folder, to_dict(cfg), resume=resume, overwrite=overwrite,
+                   allowed=RESUME_ALLOWED, is_main=dist_info.is_main)  # fmt: skip
+    with own:
+        return _pretrain(cfg, dist_info, own)
+
+
+def _pretrain(cfg: PretrainConfig, dist_info: DistInfo, own: RunFolder) -> dict:
     logger.info("pretraining %s", describe(cfg))
     trainer = Pretrainer(cfg, dist_info)
     if dist_info.is_main:
         save_config(cfg, trainer.folder)
-    if cfg.meta.resume:
-        trainer.log.skip_logged()  # rows of a killed attempt are not written twice
-        if trainer.ckpt_path.exists():
-            trainer.resume()
+    if own.start is not None:
+        trainer.resume()
+    own.resumed(trainer.log, trainer.step if own.start is not None else -1)
     try:
         metrics = trainer.run()
     finally:
         trainer.log.close()
     if dist_info.is_main:
-        write_results(trainer.folder, "pretrain", metrics, epochs=trainer.epoch,
-                      steps=trainer.step, checkpoint=str(trainer.ckpt_path),
+        write_results(trainer.folder, "pretrain", metrics, encoder_checkpoint=None,
+                      which="random_init", output_checkpoint=str(trainer.ckpt_path),
+                      settings=to_dict(cfg), epochs=trainer.epoch, steps=trainer.step,
                       model=dataclasses.asdict(trainer.encoder.arch))  # fmt: skip
     return metrics
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``main_pretrain.py --fname CFG [--resume | --overwrite] [key=value ...]`` (under torchrun
+    for many processes); returns the exit status (``runs.run_main``: bad input 2, a diverged
+    loss 1)."""
+    parser = config_parser("I-JEPA / StoP pretraining")
+    add_run_flags(parser)
+
+    def work() -> None:
+        cfg, args = parse_config(PretrainConfig, parser, argv)
+        dist_info = init_distributed(cfg.meta.device)
+        setup_console_logging(dist_info.is_main)
+        pretrain(cfg, dist_info, resume=args.resume, overwrite=args.overwrite)
+
+    return run_main(work, cleanup)
 
 
 def describe(cfg: PretrainConfig) -> str:
@@ -497,3 +540,7 @@ def describe(cfg: PretrainConfig) -> str:
     if cfg.mask.legacy:
         parts.append("legacy masks")
     return ", ".join(parts)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -38,8 +38,8 @@ def test_curve_png_draws_the_logged_values(tmp_path):
     log.close()
     out = curve([str(tmp_path / "run" / "log.jsonl"), "loss", str(tmp_path / "loss.png")])
     img = np.asarray(Image.open(out).convert("RGB"))
-    assert img.shape == (300, 480, 3)
-    blue = (img[..., 2] > 150) & (img[..., 0] < 100)
-    assert blue.sum() > 100  # the polyline is drawn
-    cols = np.flatnonzero(blue.any(axis=0))
-    assert cols.min() < 80 and cols.max() > 400  # spans the plot width
+    assert img.shape[0] >= 500 and img.shape[1] >= 800
+    blue = (img[..., 2] > 150) & (img[..., 0] < 140) & (img[..., 1] < 190)
+    assert blue.sum() > 100  # the curve is drawn
+    cols = np.flatnonzero(blue[:, : img.shape[1] * 3 // 4].any(axis=0))  # (left of the legend)
+    assert cols.min() < 0.15 * img.shape[1] and cols.max() > 0.6 * img.shape[1]  # spans the axes

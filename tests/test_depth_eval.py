@@ -79,7 +79,7 @@ def test_probe_trains_end_to_end_and_beats_the_mean_depth(scenes, tmp_path):
     panels = sorted((out / "visualisations").glob("*.png"))
     assert len(panels) == 3
     with Image.open(panels[0]) as im:
-        assert im.size == (3 * 64, 48) and im.mode == "RGB"
+        assert im.width >= 800 and im.height >= 500  # input | gt | prediction + colour bar
 
 
 def test_resume_after_a_crash_ends_with_the_same_head(scenes, tmp_path, monkeypatch):

@@ -26,6 +26,12 @@ PANEL = 128  # 32 px images upscaled x4
 PATCH = 32  # one 8 px patch of a 32 px image, upscaled x4
 
 
+def assert_captioned_figure(png):
+    """The figure beside the grid is readable (its title and caption: tests/test_plots.py)."""
+    with Image.open(png) as im:
+        assert im.width >= 800 and im.height >= 500
+
+
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     train, _ = build_digits_imagefolder(tmp_path_factory.mktemp("digits"), size=32, per_class=4)
@@ -60,7 +66,8 @@ def _shows_the_inputs(panels, digits, count):
 
 def test_pca_png(ckpt_path, digits, tmp_path):
     assert main(["pca", *_args(ckpt_path, digits, tmp_path, 3)]) == 0
-    panels = _panels(tmp_path / "pca.png", 3)
+    panels = _panels(tmp_path / "pca_grid.png", 3)  # the panels alone, pixel for pixel
+    assert_captioned_figure(tmp_path / "pca.png")
     _shows_the_inputs(panels, digits, 3)
     colours = np.concatenate([right.reshape(-1, 3) for _, right in panels])
     assert len(np.unique(colours, axis=0)) >= 8 and colours.std() > 20  # not blank
@@ -80,7 +87,8 @@ def test_pca_rgb_channels_follow_the_principal_components():
 def test_losses_png(ckpt_path, digits, tmp_path):
     args = _args(ckpt_path, digits, tmp_path, 2)
     assert main(["losses", *args, "losses.maskings=48"]) == 0
-    panels = _panels(tmp_path / "losses.png", 2)
+    panels = _panels(tmp_path / "losses_grid.png", 2)  # the panels alone, pixel for pixel
+    assert_captioned_figure(tmp_path / "losses.png")
     _shows_the_inputs(panels, digits, 2)
     for _, heat in panels:
         assert _patch_constant(heat)

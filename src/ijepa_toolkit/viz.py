@@ -38,6 +38,7 @@ from .eval.depth import colourise
 from .loader import load_encoder, load_predictor
 from .masks.block import place_block
 from .models.vit import apply_masks, encode_masked
+from .plots import image_figure, loss_curve
 from .runs import run_main
 
 logger = logging.getLogger("ijepa_toolkit")
@@ -251,19 +252,26 @@ def _setup(argv: Optional[Sequence[str]], what: str) -> tuple[VizConfig, torch.d
 
 
 def pca(argv: Optional[Sequence[str]] = None) -> Path:
-    """``visualize.py pca``: writes ``<logging.folder>/pca.png``; returns its path."""
+    """``visualize.py pca``: writes ``<logging.folder>/pca.png`` (the panels with a title and
+    a caption) and ``pca_grid.png`` (the panels alone, pixel for pixel); returns the first."""
     cfg, device, out = _setup(argv, "PCA of patch features (3 components as RGB) next to images")
     encoder = build_encoder(cfg.model).to(device)
     images = load_images(cfg.data).to(device)
-    path = out / "pca.png"
-    compose(pca_panels(encoder, images)).save(path)
+    path, grid = out / "pca.png", compose(pca_panels(encoder, images))
+    grid.save(out / "pca_grid.png")
     h, w = grid_of(encoder, cfg.data.img_size)
+    caption = (f"Left: each input image ({cfg.data.img_size} px). Right: its {h}x{w} patch tokens "
+               f"projected on the first 3 principal components (as R, G, B; PCA fitted jointly "
+               f"over the {len(images)} images' patches, each component scaled between its 1st "
+               f"and 99th percentile). Similar colours = similar features.")  # fmt: skip
+    image_figure(np.asarray(grid), path, "PCA of patch features", caption)
     print(f"{path}: {len(images)} images | PCA of {h}x{w} patch tokens (fitted jointly)")
     return path
 
 
 def losses(argv: Optional[Sequence[str]] = None) -> Path:
-    """``visualize.py losses``: writes ``<logging.folder>/losses.png``; returns its path."""
+    """``visualize.py losses``: writes ``<logging.folder>/losses.png`` (the panels with a title and
+    a caption) and ``losses_grid.png`` (the panels alone, pixel for pixel); returns the first."""
     cfg, device, out = _setup(argv, "Per-patch I-JEPA prediction loss over random maskings")
     m = cfg.model
     if not m.checkpoint:
@@ -273,8 +281,13 @@ def losses(argv: Optional[Sequence[str]] = None) -> Path:
     predictor = load_predictor(m.checkpoint, num_heads=m.num_heads).to(device)
     images = load_images(cfg.data).to(device)
     mean, counts = patch_losses(ctx_enc, tgt_enc, predictor, images, cfg.losses, cfg.meta.seed)
-    path = out / "losses.png"
-    compose(loss_panels(mean, images)).save(path)
+    path, grid = out / "losses.png", compose(loss_panels(mean, images))
+    grid.save(out / "losses_grid.png")
+    caption = (f"Left: each input image. Right: the mean I-JEPA prediction loss (smooth L1) of "
+               f"each patch as a target over {cfg.losses.maskings} '{cfg.losses.masking}' "
+               f"maskings; viridis from the image's own minimum (dark) to maximum (yellow); "
+               f"black: never a target.")  # fmt: skip
+    image_figure(np.asarray(grid), path, "Per-patch prediction loss", caption)
     per_image = ", ".join(f"{v:.4f}" for v in torch.nanmean(mean.flatten(1), 1).tolist())
     print(
         f"{path}: {len(images)} images x {cfg.losses.maskings} maskings; each patch a target "
@@ -286,7 +299,7 @@ def losses(argv: Optional[Sequence[str]] = None) -> Path:
 def masks(argv: Optional[Sequence[str]] = None) -> list[Path]:
     """``visualize.py masks --fname pretrain/X``: one PNG per mask-sampler step."""
     from .masks.multiblock import MultiBlockMaskSampler
-    from .masks.render import render_masks
+    from .masks.render import CAPTION, legend, render_masks
     from .pretrain.data import resolve_folders
     from .pretrain.model import encoder_arch
     from .pretrain.train import PretrainConfig
@@ -312,37 +325,13 @@ def masks(argv: Optional[Sequence[str]] = None) -> list[Path]:
     for step in range(args.steps):
         enc, pred = sampler.sample(len(images), step, generator)
         path = out / f"masks_step{step}.png"
-        render_masks(images, enc, pred, arch.patch_size, scale).save(path)
+        strip = np.asarray(render_masks(images, enc, pred, arch.patch_size, scale))
+        image_figure(strip, path, f"Sampled masks, step {step} ({grid}x{grid} patches)",
+                     CAPTION, legend(len(pred)))  # fmt: skip
         print(f"{path}: context {enc[0].shape[1]} patches, {len(pred)} targets of "
               f"{pred[0].shape[1]} patches, grid {grid}x{grid}")  # fmt: skip
         paths.append(path)
     return paths
-
-
-def line_plot(
-    values: Sequence[float], title: str, size: tuple[int, int] = (480, 300)
-) -> Image.Image:
-    """A white PNG with ``values`` as a polyline over their index, min/max labelled."""
-    from PIL import ImageDraw
-
-    w, h = size
-    left, right, top, bottom = 60, 10, 24, 24
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    lo, hi = min(values), max(values)
-    span = (hi - lo) or 1.0
-    n = max(len(values) - 1, 1)
-    points = [
-        (left + (w - left - right) * i / n, top + (h - top - bottom) * (hi - v) / span)
-        for i, v in enumerate(values)
-    ]
-    draw.rectangle([left, top, w - right, h - bottom], outline=(160, 160, 160))
-    draw.line(points, fill=(31, 119, 180), width=2)
-    draw.text((left, 4), title, fill="black")
-    draw.text((4, top), f"{hi:.4g}", fill="black")
-    draw.text((4, h - bottom - 12), f"{lo:.4g}", fill="black")
-    draw.text((w - right - 80, h - bottom + 6), f"{len(values)} points", fill="black")
-    return img
 
 
 def curve(argv: Optional[Sequence[str]] = None) -> Path:
@@ -356,14 +345,13 @@ def curve(argv: Optional[Sequence[str]] = None) -> Path:
     parser.add_argument("key")
     parser.add_argument("out")
     args = parser.parse_args(argv)
-    values = [
-        r[args.key] for r in read_jsonl(args.log) if isinstance(r.get(args.key), (int, float))
-    ]
+    rows = read_jsonl(args.log)
+    values = [r[args.key] for r in rows if isinstance(r.get(args.key), (int, float))]
     if not values:
         raise UserError(f"{args.log}: no numeric '{args.key}' values")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    line_plot(values, f"{args.key} ({Path(args.log).parent.name})").save(out)
+    loss_curve(rows, out, args.key, f"{args.key} of {Path(args.log).parent.name}")
     print(f"{out}: {len(values)} values of {args.key}, {values[0]:.4g} -> {values[-1]:.4g}")
     return out
 

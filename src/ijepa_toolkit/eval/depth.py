@@ -15,7 +15,6 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -232,11 +231,11 @@ def colourise(depth: np.ndarray, lo: float, hi: float, valid: Optional[np.ndarra
 
 
 def save_panel(path: Path, rgb: np.ndarray, gt: np.ndarray, pred: np.ndarray, valid: np.ndarray):
-    """``input | ground truth | prediction`` side by side, one colour scale (the gt's range)."""
-    lo, hi = (float(gt[valid].min()), float(gt[valid].max())) if valid.any() else (0.0, 10.0)
-    panel = np.concatenate([rgb, colourise(gt, lo, hi, valid), colourise(pred, lo, hi)], axis=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(panel).save(path)
+    """``input | ground truth | prediction`` side by side, one colour scale (the gt's range, with
+    a colour bar in metres): ``plots.depth_figure``."""
+    from ..plots import depth_figure
+
+    depth_figure(rgb, gt, pred, valid, path, title=f"Depth probe: {path.stem}")
 
 
 @torch.no_grad()

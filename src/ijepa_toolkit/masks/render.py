@@ -12,6 +12,16 @@ from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 CONTEXT_RGB = (40, 110, 255)
 TARGET_RGB = ((255, 60, 60), (255, 170, 0), (60, 200, 60), (200, 60, 255), (0, 200, 200))
+DIMMED_RGB = (40, 40, 40)  # what a patch in no mask looks like (the image at 35 %)
+CAPTION = ("Each panel: one image with the patches the context encoder sees tinted blue and each "
+           "target block the predictor must predict tinted in its own colour (a patch in several "
+           "targets shows the last); patches in neither are dimmed.")  # fmt: skip
+
+
+def legend(num_targets: int) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(label, rgb)`` legend entries for ``render_masks`` with ``num_targets`` target blocks."""
+    targets = [(f"target {j + 1}", TARGET_RGB[j % len(TARGET_RGB)]) for j in range(num_targets)]
+    return [("context", CONTEXT_RGB), *targets, ("neither (dimmed)", DIMMED_RGB)]
 
 
 def render_masks(

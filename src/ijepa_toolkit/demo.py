@@ -11,6 +11,11 @@ Each step is a standalone command, ``python -m <toolkit module>`` (printed befor
 step whose ``results.json`` was made from the same encoder checkpoint, config and data is
 reused, so a second run only rebuilds the table; a stale one is run again (``--overwrite``), an
 interrupted training step continues (``--resume``); ``--fresh`` reruns everything.
+
+``--threads N`` (default 1) pins the thread count of every step (``OMP_NUM_THREADS``,
+``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``; torch reads them at start): the same N gives the
+same table on any machine, and ``table.md`` ends with ``threads: N``. A result made at another
+thread count (``results.json``'s ``environment.threads``) is run again.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .plots import FIGURES
 from .run_folder import OUTPUTS, results_staleness
 from .tables import read_metric
 
@@ -85,7 +91,7 @@ def step(module: str, args: list, folder: Path, env: dict) -> None:
     folder-owning step continues."""
     flags = []
     if (folder / "results.json").is_file():
-        reason = results_staleness(folder, module, args)
+        reason = results_staleness(folder, module, args) or other_threads(folder, env)
         if reason is None:
             print(f"\n{folder}: up to date, reused", flush=True)
             return
@@ -94,6 +100,28 @@ def step(module: str, args: list, folder: Path, env: dict) -> None:
     elif module in OWNING and any((folder / name).exists() for name in OUTPUTS):
         flags = ["--resume"]
     run(module, *args, *flags, env=env)
+
+
+def other_threads(folder: Path, env: dict) -> Optional[str]:
+    """Why ``folder/results.json`` (readable: ``results_staleness`` said so) was made at another
+    thread count than the one ``env`` pins; None when at the same."""
+    recorded = json.loads((folder / "results.json").read_text()).get("environment", {})
+    wanted = int(env["OMP_NUM_THREADS"])
+    if recorded.get("threads") == wanted:
+        return None
+    return f"made at {recorded.get('threads')} threads, the demo runs at {wanted}"
+
+
+def pin_threads(threads: int) -> dict:
+    """The environment every step runs in: BLAS/OpenMP pinned to ``threads``; this process's
+    torch too."""
+    import torch
+
+    torch.set_num_threads(threads)
+    pinned = {
+        k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    }
+    return {**os.environ, **pinned}
 
 
 def metric(folder: Path, key: str) -> Optional[float]:
@@ -138,28 +166,36 @@ def run_steps(env: dict) -> Path:
     run("ijepa_toolkit.viz", "masks", "--fname", "demo/pretrain", "--steps", "1", "--images",
         "8", "--out", str(plots), env=env)  # fmt: skip
     run("ijepa_toolkit.viz", "pca", "--fname", "demo/visualize", env=env)
-    run("ijepa_toolkit.viz", "curve", str(OUT / "pretrain" / "log.jsonl"), "loss",
-        str(plots / "pretrain_loss.png"), env=env)  # fmt: skip
+    run("ijepa_toolkit.plots", str(OUT), str(plots), env=env)
     return plots
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m ijepa_toolkit.demo [--fresh]``: exit status 0 (a failed step exits)."""
+    """``python -m ijepa_toolkit.demo [--fresh] [--threads N]``: exit status 0 (a failed step
+    exits)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--fresh", action="store_true", help="rerun every step (keeps the data)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads of every step (default 1): same N, same table",
+    )
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: expected a whole number >= 1")
     start = time.time()
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = pin_threads(args.threads)
     if args.fresh:
         for sub in ("pretrain", "plots", "cache", *(r.folder for r in ROWS)):
             shutil.rmtree(OUT / sub, ignore_errors=True)
     plots = run_steps(env)
-    text = table(OUT)
+    text = f"{table(OUT)}\n\nthreads: {args.threads}"
     (OUT / "table.md").write_text(text + "\n")
     print(f"\n{text}\n")
-    print(f"wrote {OUT}/table.md and {plots}/: pretrain_loss.png, masks_step0.png, pca.png")
+    print(f"wrote {OUT}/table.md and {plots}/: masks_step0.png, pca.png, {', '.join(FIGURES)}")
     print(f"demo finished in {time.time() - start:.0f}s")
     return 0
 

@@ -168,9 +168,10 @@ def test_demo_reruns_a_result_made_from_another_encoder(digits, tmp_path, monkey
             f"logging.folder={folder}"]  # fmt: skip
     finished_run(folder, "ijepa_toolkit.eval.knn", [*base, f"model.checkpoint={FIXTURE}"],
                  "knn", {"top1@k20": 50.0})  # fmt: skip
-    demo.step("ijepa_toolkit.eval.knn", [*base, f"model.checkpoint={FIXTURE}"], folder, {})
+    env = {"OMP_NUM_THREADS": str(torch.get_num_threads())}  # the thread count the demo pins
+    demo.step("ijepa_toolkit.eval.knn", [*base, f"model.checkpoint={FIXTURE}"], folder, env)
     assert calls == []  # same encoder, config and data: reused
-    demo.step("ijepa_toolkit.eval.knn", [*base, "model.checkpoint=null"], folder, {})
+    demo.step("ijepa_toolkit.eval.knn", [*base, "model.checkpoint=null"], folder, env)
     assert calls == [(*base, "model.checkpoint=null")]  # the random-init row is not reused
 
 

@@ -24,9 +24,9 @@ from ijepa_toolkit.eval.cache import (
     PartialEntry,
     chunk_bounds,
     chunk_rows,
-    file_sha256,
     open_entry,
 )
+from ijepa_toolkit.io.read import file_sha256
 
 DIM = 5120
 

@@ -33,22 +33,14 @@ import numpy as np
 
 from ..errors import CheckpointError, WriteError
 from ..io.atomic import fsync, write_json, write_text
+from ..io.read import file_sha256
 
 logger = logging.getLogger("ijepa_toolkit")
 
 LAYOUT_VERSION = 2  # bump when the files of an entry change meaning
 CHUNK_BYTES = 64 << 20  # features per chunk (rounded to whole batches)
-HASH_CHUNK = 1 << 24
 ARRAYS = {"features": np.float32, "labels": np.int64}
 PathLike = Union[str, os.PathLike]
-
-
-def file_sha256(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checkpoint_digest(path: PathLike, cache_dir: PathLike, remember: bool = True) -> str:

@@ -7,13 +7,14 @@
 4. finetuning of both; 5. the depth probe on both;
 6. one Markdown table (protocol x {pretrained, random init}) and PNGs in ``runs/demo/``.
 
-Each step is a standalone command, ``python -m <toolkit module>`` (printed before it runs). A
+Each step is a standalone command, ``python -m <toolkit module>``, printed before it runs (the
+demo calls the module's ``main`` with those arguments in a process forked from its own). A
 step whose ``results.json`` was made from the same encoder checkpoint, config and data is
 reused, so a second run only rebuilds the table; a stale one is run again (``--overwrite``), an
 interrupted training step continues (``--resume``); ``--fresh`` reruns everything.
 
 ``--threads N`` (default 1) pins the thread count of every step (``OMP_NUM_THREADS``,
-``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``; torch reads them at start): the same N gives the
+``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``, torch and ``threadpoolctl``): the same N gives the
 same table on any machine, and ``table.md`` ends with ``threads: N``. A result made at another
 thread count (``results.json``'s ``environment.threads``) is run again.
 """
@@ -21,10 +22,11 @@ thread count (``results.json``'s ``environment.threads``) is run again.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import multiprocessing
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -74,15 +76,26 @@ ENCODERS = {
 }
 
 
-def run(module: str, *args: str, env: dict) -> None:
-    """Print and run one step, ``python -m module args``, in the current directory; stop the
-    demo if it fails."""
+def run(module: str, *args: str) -> None:
+    """Print and run one step, the equivalent of ``python -m module args``, in a process forked
+    from this one (``module.main(args)``: the imports are already done, so no second torch
+    start-up per step, and no step sees another's process state); stop the demo if it fails.
+    The step runs at this process's pinned thread counts (``pin_threads``)."""
     shown = " ".join(["python", "-m", module, *args])
     print(f"\n$ {shown}", flush=True)
     start = time.time()
-    if subprocess.run([sys.executable, "-m", module, *args], env=env).returncode != 0:
+    importlib.import_module(module)  # here, once: the forked step inherits it
+    child = multiprocessing.get_context("fork").Process(target=_main, args=(module, list(args)))
+    child.start()
+    child.join()
+    if child.exitcode != 0:
         sys.exit(f"demo: step failed: {shown}")
     print(f"  ({time.time() - start:.1f}s)", flush=True)
+
+
+def _main(module: str, argv: list) -> None:
+    """The body of a forked step: ``module.main(argv)`` as its exit status."""
+    sys.exit(importlib.import_module(module).main(argv))
 
 
 def step(module: str, args: list, folder: Path, env: dict) -> None:
@@ -99,7 +112,7 @@ def step(module: str, args: list, folder: Path, env: dict) -> None:
         flags = ["--overwrite"] if module in OWNING else []
     elif module in OWNING and any((folder / name).exists() for name in OUTPUTS):
         flags = ["--resume"]
-    run(module, *args, *flags, env=env)
+    run(module, *args, *flags)
 
 
 def other_threads(folder: Path, env: dict) -> Optional[str]:
@@ -113,15 +126,17 @@ def other_threads(folder: Path, env: dict) -> Optional[str]:
 
 
 def pin_threads(threads: int) -> dict:
-    """The environment every step runs in: BLAS/OpenMP pinned to ``threads``; this process's
-    torch too."""
+    """Pin this process (every step is forked from it) to ``threads``: torch's intra-op pool, the
+    BLAS/OpenMP pools of numpy, scikit-learn and cyanure (``threadpoolctl``) and the variables
+    child processes read; returns the environment."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
-    pinned = {
-        k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-    }
-    return {**os.environ, **pinned}
+    threadpool_limits(threads)
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[k] = str(threads)
+    return dict(os.environ)
 
 
 def metric(folder: Path, key: str) -> Optional[float]:
@@ -153,9 +168,9 @@ def run_steps(env: dict) -> Path:
     """Data, pretraining, every protocol for both encoders, the pictures; returns the plots
     folder."""
     data = OUT / "data"
-    run("ijepa_toolkit.data.digits", str(data / "digits"), "--size", "32", env=env)
+    run("ijepa_toolkit.data.digits", str(data / "digits"), "--size", "32")
     if not (data / "synthetic_depth" / "nyu_test.txt").is_file():
-        run("ijepa_toolkit.data.synthetic_depth", str(data / "synthetic_depth"), env=env)
+        run("ijepa_toolkit.data.synthetic_depth", str(data / "synthetic_depth"))
     step("ijepa_toolkit.pretrain.train", ["--fname", "demo/pretrain"], OUT / "pretrain", env)
     for row in ROWS:
         for name, overrides in ENCODERS.items():
@@ -164,9 +179,9 @@ def run_steps(env: dict) -> Path:
             step(row.module, args, folder, env)
     plots = OUT / "plots"
     run("ijepa_toolkit.viz", "masks", "--fname", "demo/pretrain", "--steps", "1", "--images",
-        "8", "--out", str(plots), env=env)  # fmt: skip
-    run("ijepa_toolkit.viz", "pca", "--fname", "demo/visualize", env=env)
-    run("ijepa_toolkit.plots", str(OUT), str(plots), env=env)
+        "8", "--out", str(plots))  # fmt: skip
+    run("ijepa_toolkit.viz", "pca", "--fname", "demo/visualize")
+    run("ijepa_toolkit.plots", str(OUT), str(plots))
     return plots
 
 

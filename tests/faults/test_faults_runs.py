@@ -162,7 +162,7 @@ def finished_run(folder, module: str, args: list, protocol: str, metrics: dict) 
 
 def test_demo_reruns_a_result_made_from_another_encoder(digits, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(demo, "run", lambda module, *args, env: calls.append(args))
+    monkeypatch.setattr(demo, "run", lambda module, *args: calls.append(args))
     folder, train = tmp_path / "knn", digits[0]
     base = ["--fname", "demo/knn", f"data.train_folder={train}", f"data.val_folder={digits[1]}",
             f"logging.folder={folder}"]  # fmt: skip

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -55,7 +55,8 @@ def build_digits_imagefolder(
     return root / "train", root / "val"
 
 
-if __name__ == "__main__":
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m ijepa_toolkit.data.digits ROOT [--size PX]``: write the ImageFolder."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Write scikit-learn's digits as an ImageFolder")
@@ -63,7 +64,12 @@ if __name__ == "__main__":
     parser.add_argument("--size", type=int, default=32, help="side of the upscaled RGB images (px)")
     parser.add_argument("--val-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     train, val = build_digits_imagefolder(args.root, args.size, args.val_fraction, args.seed)
     print(f"{train}: {sum(1 for _ in train.rglob('*.png'))} images, "
           f"{val}: {sum(1 for _ in val.rglob('*.png'))} images")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,7 +10,7 @@ outside the given seed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -103,7 +103,8 @@ def write_synthetic_nyu(
     return root
 
 
-if __name__ == "__main__":
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m ijepa_toolkit.data.synthetic_depth ROOT``: write the scenes."""
     import argparse
 
     parser = argparse.ArgumentParser(description="Write rendered depth scenes (BTS folder layout)")
@@ -111,5 +112,10 @@ if __name__ == "__main__":
     parser.add_argument("--train", type=int, default=160)
     parser.add_argument("--test", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(write_synthetic_nyu(args.root, args.train, args.test, seed=args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,7 +3,9 @@ DynTanh encoders (and their checkpoints), optimizer groups."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +20,14 @@ from ijepa_toolkit.models.norms import DynTanh
 from ijepa_toolkit.models.predictor import IJEPAPredictor, PredictorArch
 from ijepa_toolkit.models.vit import EncoderArch, create_encoder
 from ijepa_toolkit.pretrain.model import ema_update_, encoder_arch, prediction_loss, targets_at
-from ijepa_toolkit.pretrain.schedules import Schedules, cosine_wd, ema_momentum, warmup_cosine_lr
+from ijepa_toolkit.pretrain.schedules import (
+    Schedules,
+    cosine_wd,
+    ema_momentum,
+    three_phase_ema,
+    warmup_cosine_lr,
+    warmup_steady_cooldown_lr,
+)
 from ijepa_toolkit.pretrain.targets import TargetNorm
 from ijepa_toolkit.pretrain.train import (
     PretrainConfig,
@@ -194,6 +203,7 @@ def test_param_groups_exclude_biases_and_norms_from_weight_decay():
 
 
 CONFIGS = sorted((CONFIG_DIR / "pretrain").glob("*.yaml"))
+OFFICIAL = CONFIG_DIR / "pretrain" / "in1k_vith14_ep300.yaml"  # batch 128, an image folder
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -223,13 +233,59 @@ def test_named_sizes_are_the_official_ones():
 ])  # fmt: skip
 def test_bad_pretraining_values_are_config_errors_naming_the_key(key, value):
     with pytest.raises(ConfigError, match=rf"^{key} must be "):  # when the config is built
-        load_config(PretrainConfig, CONFIGS[0], [f"{key}={value}"])
+        load_config(PretrainConfig, OFFICIAL, [f"{key}={value}"])
 
 
 def test_cross_section_and_folder_checks_name_the_key(tmp_path):
-    cfg = load_config(PretrainConfig, CONFIGS[0], ["mask.group_size=3"])  # batch 128
+    cfg = load_config(PretrainConfig, OFFICIAL, ["mask.group_size=3"])  # batch 128
     with pytest.raises(ConfigError, match=r"^mask.group_size must be a divisor of data.batch"):
         check_values(cfg)
-    cfg = load_config(PretrainConfig, CONFIGS[0], [f"data.train_folder={tmp_path / 'no'}"])
+    cfg = load_config(PretrainConfig, OFFICIAL, [f"data.train_folder={tmp_path / 'no'}"])
     with pytest.raises(ConfigError, match=r"^data.train_folder must be an existing folder"):
         check_folders(cfg)
+
+
+FEATURENORM_MODES = Path(__file__).parent / "fixtures" / "featurenorm_modes"
+
+
+@pytest.mark.parametrize(
+    "case", ["main_conf_defaults", "small_yaml", "tiny", "ema_end_below_steady"]
+)
+def test_featurenorm_schedules_match_the_seed(case):
+    """``Trainer.lr`` / ``Trainer.ema_beta`` of theAdamColton/elucidating-featurenorm-ijepa
+    ``src/trainer.py`` @ eb093c217f3b475981c84332245530fd17bc30c3, at the fixture's steps
+    (tests/fixtures/featurenorm_modes/schedules.json), through the config keys."""
+    fixture = json.loads((FEATURENORM_MODES / "schedules.json").read_text())[case]
+    c = fixture["conf"]
+    overrides = [
+        "optimization.lr_schedule=warmup_steady_cooldown", "optimization.ema_schedule=three_phase",
+        f"optimization.start_lr={c['start_lr']}", f"optimization.lr={c['steady_lr']}",
+        f"optimization.final_lr={c['end_lr']}",
+        f"optimization.lr_steps=[{c['num_lr_warmup_steps']}, {c['num_lr_steady_steps']}, "
+        f"{c['num_lr_cooldown_steps']}]",
+        f"optimization.ema_phases=[{c['ema_beta_start']}, {c['ema_beta_steady']}, "
+        f"{c['ema_beta_end']}]",
+        f"optimization.ema_steps=[{c['ema_beta_warmup_steps']}, {c['ema_beta_steady_steps']}]",
+    ]  # fmt: skip
+    opt = load_config(PretrainConfig, OFFICIAL, overrides).optimization
+    s = Schedules(
+        iterations_per_epoch=10, epochs=opt.epochs, warmup_epochs=opt.warmup,
+        start_lr=opt.start_lr, lr=opt.lr, final_lr=opt.final_lr, weight_decay=0.05,
+        final_weight_decay=0.05, lr_schedule=opt.lr_schedule, lr_steps=tuple(opt.lr_steps),
+        ema_schedule=opt.ema_schedule, ema_phases=tuple(opt.ema_phases),
+        ema_steps=tuple(opt.ema_steps),
+    )  # fmt: skip
+    for row in fixture["values"]:
+        lr, wd, momentum = s.at(row["step"])  # iteration i reads the seed's global_step i
+        assert lr == pytest.approx(row["lr"], abs=1e-6 * max(1.0, abs(row["lr"])))
+        assert momentum == pytest.approx(row["ema_beta"], abs=1e-6), row
+        assert wd == pytest.approx(0.05)
+
+
+def test_empty_featurenorm_phases_take_the_next_value():
+    """Zero-length phases (the seed divides by zero there): warm-up 0 starts at the steady
+    value, cool-down 0 drops to the end value."""
+    assert warmup_steady_cooldown_lr(0, 0.1, 1.0, 0.01, 0, 2, 0) == 1.0
+    assert warmup_steady_cooldown_lr(3, 0.1, 1.0, 0.01, 0, 2, 0) == pytest.approx(0.01)
+    assert three_phase_ema(0, 0.5, 0.9, 0.99, 0, 0) == 0.9
+    assert three_phase_ema(1, 0.5, 0.9, 0.99, 0, 0) == pytest.approx(0.99)

@@ -4,11 +4,16 @@ trained, saved and reloaded by ``load_predictor``; 0 registers is the official p
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from _featurenorm import sub_state
 from _tiny_pretrain import CONFIG, tiny_overrides
+from safetensors.torch import load_file
+from timm.models.vision_transformer import Block
+from torch import nn
 
 from ijepa_toolkit import load_predictor
 from ijepa_toolkit.config import ConfigError, load_config
@@ -17,6 +22,7 @@ from ijepa_toolkit.engine.distributed import DistInfo
 from ijepa_toolkit.models.predictor import IJEPAPredictor, PredictorArch
 from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer
 
+FIXTURES = Path(__file__).parent / "fixtures" / "ijepa_enhanced_predictor"
 ARCH = dict(grid=4, embed_dim=32, predictor_embed_dim=16, num_heads=2)
 
 
@@ -92,3 +98,56 @@ def test_predictor_registers_train_and_round_trip(digits, tmp_path):
         )
     with pytest.raises(ConfigError, match="pred_num_registers"):
         _trainer(digits, tmp_path / "neg", **{"model.pred_num_registers": -1})
+
+
+@pytest.mark.parametrize("kind", ["pass", "zero", "add"])
+def test_encoder_registers_enter_the_predictor_as_featurenorm(kind):
+    """``model.pred_encoder_registers``: the context encoder's register outputs are predictor
+    context tokens at patch (0, 0)'s position; with predictor registers they are replaced
+    (``zero``, featurenorm's default ``should_zero_ctx_register_tokens``) or added to
+    (``add``); with none they pass through (``pass``). Predictions equal featurenorm's
+    ``Predictor.forward`` (src/model.py, theAdamColton/elucidating-featurenorm-ijepa@
+    eb093c217f3b475981c84332245530fd17bc30c3) on the same tensors, its learned (row, col)
+    tables set to this predictor's additive sin-cos table, its blocks in timm blocks."""
+    f = load_file(FIXTURES / f"featurenorm_pred_registers_{kind}.safetensors")
+    regs = 0 if kind == "pass" else 3
+    arch = PredictorArch(grid=4, embed_dim=12, predictor_embed_dim=16, depth=2, num_heads=2,
+                         layernorm_eps=1e-5, num_registers=regs)  # fmt: skip
+    pred = IJEPAPredictor(arch, zero_encoder_registers=kind == "zero").eval()
+    pred.predictor_blocks = nn.ModuleList(
+        Block(16, 2, qkv_bias=False, norm_layer=nn.LayerNorm,
+              act_layer=partial(nn.GELU, approximate="tanh"))
+        for _ in range(2)
+    )  # fmt: skip
+    table = (f["pred.h_emb"][:, None] + f["pred.w_emb"][None]).reshape(1, 16, 16)
+    torch.testing.assert_close(pred.predictor_pos_embed, table, atol=1e-6, rtol=0)
+    rename = (("attention.proj_qkv", "attn.qkv"), ("attention.proj_out", "attn.proj"),
+              ("proj_in.", "predictor_embed."), ("norm_out.", "predictor_norm."),
+              ("proj_out.", "predictor_proj."), ("blocks.", "predictor_blocks."))  # fmt: skip
+    state = sub_state(f, "pred.", rename)
+    state["mask_token"] = state.pop("pred_emb").view(1, 1, 16)
+    if regs:
+        state["predictor_registers"] = state.pop("reg_emb")[None]
+    for i in range(2):
+        state[f"predictor_blocks.{i}.attn.proj.bias"] = torch.zeros(16)
+    missing = pred.load_state_dict(state, strict=False)
+    assert set(missing.missing_keys) == {"predictor_pos_embed"}
+    assert set(missing.unexpected_keys) == {"h_emb", "w_emb"}
+    with torch.no_grad():
+        out = pred(f["context"], f["ctx_idx"], f["tgt_idx"], registers=f["registers"])
+        without = pred(f["context"], f["ctx_idx"], f["tgt_idx"])
+    torch.testing.assert_close(out, f["out"], atol=1e-5, rtol=0)
+    assert (out - without).abs().max() > 1e-3  # the registers matter
+
+
+def test_encoder_registers_to_predictor_train_with_token_drop(digits, tmp_path):
+    opts = {"model.num_registers": 2, "model.pred_encoder_registers": True,
+            "model.pred_capacity": 0.5, "model.pred_repeats": 2}  # fmt: skip
+    trainer = _trainer(digits, tmp_path, **opts)
+    assert trainer.context.encoder_registers
+    row = trainer.train_step(next(iter(trainer.loader))[0])
+    assert math.isfinite(row["loss"]) and row["loss"] > 0
+    with pytest.raises(ConfigError, match="pred_encoder_registers"):
+        _trainer(digits, tmp_path / "none", **{"model.pred_encoder_registers": True})
+    with pytest.raises(ConfigError, match="pred_encoder_registers"):
+        _trainer(digits, tmp_path / "mismatch", **{**opts, "model.pred_num_registers": 3})

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _featurenorm import load
+from _featurenorm import FIXTURES, load
+from safetensors.torch import load_file
 
 from ijepa_toolkit.errors import ConfigError
 from ijepa_toolkit.models.predictor import IJEPAPredictor, PredictorArch
@@ -114,3 +115,42 @@ def test_count_rounds_and_windows_are_the_units():
     assert drop.masks_pred[0].tolist() == [[10, 11, 14, 15]] * 3
     with pytest.raises(ConfigError, match="pred_window=2"):
         sample_token_drop([torch.tensor([[0, 1, 2, 3]])], [ctx], 0.5, 1, window=2, grid_w=4)
+
+
+def _packed_rows(sample_ids: torch.Tensor, ctx_len: int):
+    """A PackedBatch whose token ids are the fixture's seed rows (slot i at (i // 8, i % 8))."""
+    from ijepa_toolkit.pretrain.packing import PAD, PackedBatch
+
+    rows, length = sample_ids.shape
+    sample = sample_ids.masked_fill(sample_ids == -100, PAD)
+    slot = torch.arange(length).expand(rows, -1)
+    ids = torch.stack([sample, torch.zeros_like(sample), slot // 8, slot % 8], -1)
+    gsample = torch.where(sample == PAD, PAD, sample + 2 * torch.arange(rows)[:, None])
+    px = torch.zeros(rows, length, 3)
+    part = lambda t: (t[:, :ctx_len], t[:, ctx_len:])  # noqa: E731
+    (cp, tp), (ci, ti), (cg, tg) = part(px), part(ids), part(gsample)
+    return PackedBatch(cp, ci, cg, tp, ti, tg, grids=[(5, 8)] * (2 * rows), rows=[])
+
+
+@pytest.mark.parametrize("seed", [21, 22])
+def test_packed_rows_drop_the_seed_windows(seed):
+    """Packed rows, 0.25 x 4 copies with replacement in 2x2 windows: the tokens the predictor
+    of featurenorm's ``IJEPAModel.forward`` (src/model.py,
+    theAdamColton/elucidating-featurenorm-ijepa@eb093c217f3b475981c84332245530fd17bc30c3)
+    received, captured by a forward pre-hook, are the ones ``predictor_view`` keeps from the same
+    random stream (windows = consecutive 4-token groups of the row, all-padding windows drawn
+    last; ``round(0.25 * 6) = 2`` target windows), and the loss counts the same tokens."""
+    from ijepa_toolkit.pretrain.packing import predictor_view
+
+    f = load_file(FIXTURES.parent / "featurenorm_packing" / "packed_drop.safetensors")
+    ctx_len = int(f["ctx_len"])
+    batch = _packed_rows(f["sample_ids"], ctx_len)
+    gen = torch.Generator().manual_seed(seed)
+    torch.randn(3, 40, 12, generator=gen)  # the fixture's input patches, drawn first
+    view = predictor_view(batch, 0.25, 4, True, 2, gen)
+    seed_ids = f[f"pred_ids_{seed}"]
+    slots = seed_ids[..., 2] * 8 + seed_ids[..., 3]
+    kc = view.ctx_index.shape[1]
+    assert _sets(view.ctx_index) == _sets(slots[:, :kc])
+    assert _sets(view.tgt_index) == _sets(slots[:, kc:] - ctx_len)
+    assert view.tgt_valid.sum(1).tolist() == f[f"is_target_{seed}"].sum(1).tolist()

@@ -15,16 +15,14 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Sequence, Union
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Patch, Rectangle
-from matplotlib.ticker import MaxNLocator, NullLocator
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 SIZE = (10.0, 6.25)  # inches at DPI: 1000 x 625 px
 DPI = 100
@@ -35,6 +33,9 @@ FIGURES = ("pretrain_loss.png", "knn_over_k.png", "logistic_lambd.png", "linprob
 
 
 def new_figure(size: tuple[float, float] = SIZE) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # (matplotlib: only here)
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -69,6 +70,8 @@ def lr_wd_grid(results: Mapping, path: PathLike, title: str = "Linear probe") ->
         cells[float(m[1]), float(m[2])] = float(acc)
     lrs, wds = sorted({k[0] for k in cells}), sorted({k[1] for k in cells})
     acc = np.array([[cells.get((lr, wd), np.nan) for lr in lrs] for wd in wds])
+    from matplotlib.patches import Rectangle
+
     fig = new_figure()
     ax = fig.add_subplot()
     im = ax.imshow(acc, cmap="viridis", aspect="auto", origin="lower")
@@ -109,6 +112,8 @@ def lambd_sweep(results: Mapping[str, Mapping], path: PathLike) -> Figure:
 
 def knn_over_k(results: Mapping[str, Mapping], path: PathLike) -> Figure:
     """Test top-1 % over k of kNN ``results.json`` per label (``metrics.top1@k<k>``)."""
+    from matplotlib.ticker import NullLocator
+
     fig = new_figure()
     ax = fig.add_subplot()
     for label, res in results.items():
@@ -133,6 +138,8 @@ def _epoch_rows(rows: Sequence[Mapping], key: str) -> tuple[list[float], list[fl
 def finetune_curves(log_rows: Mapping[str, Sequence[Mapping]], path: PathLike) -> Figure:
     """Per label, a finetuning ``log.jsonl``'s per-epoch ``train_loss`` / ``val_loss`` (left)
     and ``val_acc1`` (right) over epochs."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = new_figure()
     loss_ax, acc_ax = fig.subplots(1, 2)
     for n, (label, rows) in enumerate(log_rows.items()):
@@ -208,6 +215,8 @@ def image_figure(image: np.ndarray, path: PathLike, title: str, caption: str,
     under it and optional legend entries ``(label, (r, g, b))``."""
     h, w = image.shape[:2]
     width = 12.0  # inches; the height follows the picture, within 5..14 (title, caption, legend)
+    from matplotlib.patches import Patch
+
     fig = new_figure((width, min(max(width * h / w + 1.6, 5.0), 14.0)))
     ax = fig.add_subplot()
     ax.imshow(image, interpolation="nearest")
@@ -226,18 +235,97 @@ def depth_figure(rgb: np.ndarray, gt: np.ndarray, pred: np.ndarray, valid: np.nd
     """``input | ground truth | prediction`` on one colour scale (the gt's valid range, metres,
     with a colour bar); pixels without valid ground truth are black in the gt panel."""
     lo, hi = (float(gt[valid].min()), float(gt[valid].max())) if valid.any() else (0.0, 10.0)
+    from matplotlib import colormaps
+
     fig = new_figure()
     axes = fig.subplots(1, 3)
     axes[0].imshow(rgb)
     cmap = colormaps["viridis"].with_extremes(bad="black")
     for ax, data in zip(axes[1:], (np.ma.masked_where(~valid, gt), pred)):
         im = ax.imshow(data, cmap=cmap, vmin=lo, vmax=hi)
-    for ax, name in zip(axes, ("input", "ground truth (black: invalid)", "prediction")):
+    names = ("input", "ground truth (black: invalid)", "prediction")
+    return _finish_panels(fig, axes, names, im, "depth (m)", title, path)
+
+
+def _finish_panels(fig: Figure, axes, names: Sequence[str], im, label: str, title: str,
+                   path: PathLike) -> Figure:  # fmt: skip
+    """Titles and pixel axes of side-by-side pictures, one colour bar for ``im``, saved."""
+    for ax, name in zip(axes, names):
         ax.set_title(name)
         ax.set_xlabel("x (px)")
         ax.set_ylabel("y (px)")
-    fig.colorbar(im, ax=axes, label="depth (m)", shrink=0.8)
+    fig.colorbar(im, ax=axes, label=label, shrink=0.8)
     fig.suptitle(title)
+    return save(fig, path)
+
+
+def loss_heatmap(mean_loss: np.ndarray, counts: np.ndarray, path: PathLike,
+                 title: str = "Mean prediction loss per target position") -> Figure:  # fmt: skip
+    """A (gh, gw) per-position mean loss map as a heat map ('hot', the colour scale clipped to
+    the 1% / 99% quantiles as the featurenorm seed's ``plot-mean-loss``); positions never
+    predicted (``counts`` 0) are grey."""
+    seen = counts > 0
+    lo, hi = np.quantile(mean_loss[seen], [0.01, 0.99]) if seen.any() else (0.0, 1.0)
+    from matplotlib import colormaps
+
+    fig = new_figure()
+    ax = fig.add_subplot()
+    cmap = colormaps["hot"].with_extremes(bad="grey")
+    im = ax.imshow(np.ma.masked_where(~seen, mean_loss), cmap=cmap, vmin=lo, vmax=hi)
+    ax.set_xlabel("patch column")
+    ax.set_ylabel("patch row")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="mean loss per token (1%-99% quantile range)")
+    return save(fig, path)
+
+
+def histogram(values: Sequence[float], path: PathLike, xlabel: str, title: str,
+              bins: int = 20) -> Figure:  # fmt: skip
+    """Density histogram of ``values`` (``bins`` bins) with its cumulative distribution."""
+    fig = new_figure()
+    ax = fig.add_subplot()
+    ax.hist(values, bins=bins, density=True, color="skyblue", edgecolor="black",
+            label="density")  # fmt: skip
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    cum = ax.twinx()
+    cum.hist(values, bins=bins, density=True, cumulative=True, histtype="step", color="C1",
+             lw=2, label="cumulative")  # fmt: skip
+    cum.set_ylabel("cumulative fraction")
+    handles = [h for a in (ax, cum) for h in a.get_legend_handles_labels()[0]]
+    ax.legend(handles=handles, loc="upper left")
+    return save(fig, path)
+
+
+def sample_loss_figure(image: np.ndarray, loss_map: np.ndarray, path: PathLike,
+                       title: str) -> Figure:  # fmt: skip
+    """``image | image x scaled loss | loss`` for one (H, W, 3) float image in [0, 1] and its
+    (H, W) per-pixel mean loss (the seed's per-sample picture); the loss scale is the 1% / 99%
+    quantile range."""
+    lo, hi = np.quantile(loss_map, [0.01, 0.99])
+    scaled = np.clip((loss_map - lo) / max(hi - lo, 1e-12), 0, 1)
+    fig = new_figure()
+    axes = fig.subplots(1, 3)
+    axes[0].imshow(image)
+    axes[1].imshow(image * scaled[..., None])
+    im = axes[2].imshow(loss_map, cmap="hot", vmin=lo, vmax=hi)
+    names = ("view", "view x scaled loss", "mean loss per pixel")
+    return _finish_panels(fig, axes, names, im, "mean loss per token", title, path)
+
+
+def layer_accuracy(accuracies: Sequence[float], path: PathLike,
+                   title: str = "Linear probe accuracy per encoder layer") -> Figure:  # fmt: skip
+    """Top-1 % of one linear probe per layer (0: the patch embeddings, i: after block i)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = new_figure()
+    ax = fig.add_subplot()
+    ax.plot(range(len(accuracies)), accuracies, "o-", label="probe top-1")
+    best = int(np.argmax(accuracies))
+    ax.plot([best], [accuracies[best]], "*", ms=16, color="black", label=f"best: layer {best}")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    label_axes(ax, "layer (0: patch embeddings, i: after block i)", "val top-1 (%)", title)
     return save(fig, path)
 
 

@@ -15,33 +15,35 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
-from torchvision import transforms
 
-from ..build import build_encoder
 from ..config import EncoderSection, LoggingSection, MetaSection
-from ..data.folder import SafeImageFolder
 from ..engine.utils import autocast
 from ..errors import UserError
-from ..models.heads import pooled_features
 from .features import LAYERS, EvalDataSection, FeaturesSection, encode_folder
 from .frozen import cache_settings, finish_run, protocol_main, split_features, start_run
+
+if TYPE_CHECKING:  # torch, torchvision and the model code are imported when a run starts
+    import torch
+    from torchvision import transforms
 
 logger = logging.getLogger("ijepa_toolkit")
 
 
 def smooth_rank(values: torch.Tensor, eps: float) -> float:
     """``exp(-sum p log p)`` with ``p = v / ||v||_1 + eps`` for non-negative spectrum ``v``."""
+    import torch
+
     p = values / values.sum() + eps
     return float(torch.exp(-(p * torch.log(p)).sum()))
 
 
 def rankme(feats: torch.Tensor, eps: float = 1e-7) -> float:
     """RankMe of (N, D) features; between 1 and min(N, D). Computed in float64."""
+    import torch
+
     if feats.ndim != 2:
         raise ValueError(f"rankme expects (N, D) features, got shape {tuple(feats.shape)}")
     s = torch.linalg.svdvals(feats.double())
@@ -54,6 +56,13 @@ def lidar(feats: torch.Tensor, delta: float = 1e-4, eps: float = 1e-8) -> float:
     Between-class scatter of the class means and within-class scatter (plus ``delta * I``) give
     the LDA matrix, whose eigenvalues enter the smooth rank. Computed in float64.
     """
+    return smooth_rank(lda_eigenvalues(feats, delta), eps)
+
+
+def lda_eigenvalues(feats: torch.Tensor, delta: float) -> torch.Tensor:
+    """(D,) non-negative float64 eigenvalues of LiDAR's LDA matrix of (n, q, D) features."""
+    import torch
+
     if feats.ndim != 3 or feats.shape[1] < 2:
         raise ValueError(f"lidar expects (n, q>=2, D) features, got shape {tuple(feats.shape)}")
     z = feats.double()
@@ -66,13 +75,12 @@ def lidar(feats: torch.Tensor, delta: float = 1e-4, eps: float = 1e-8) -> float:
     evals, evecs = torch.linalg.eigh(within)
     inv_sqrt = evecs @ torch.diag(evals.clamp_min(1e-12).rsqrt()) @ evecs.T
     lda = inv_sqrt @ between @ inv_sqrt
-    return smooth_rank(torch.linalg.eigvalsh(lda).clamp_min(0), eps)
+    return torch.linalg.eigvalsh(lda).clamp_min(0)
 
 
-@torch.inference_mode()
 def view_features(
     encoder: torch.nn.Module,
-    dataset: Dataset,
+    dataset: Any,
     indices: Sequence[int],
     num_views: int,
     pool: str = "avg",
@@ -82,6 +90,18 @@ def view_features(
     """(n, num_views, D) pooled features of ``num_views`` draws of each image ``dataset[i]``,
     ``i`` in ``indices`` (n of them): the input of ``lidar`` when ``dataset`` augments randomly.
     Unreadable images (``None`` items) are left out."""
+    import torch
+
+    with torch.inference_mode():
+        return _view_features(encoder, dataset, indices, num_views, pool, device, batch_size)
+
+
+def _view_features(encoder, dataset, indices, num_views, pool, device, batch_size):
+    """``view_features``'s work (under ``torch.inference_mode``)."""
+    import torch
+
+    from ..models.heads import pooled_features
+
     device = device or torch.device("cpu")
     encoder = encoder.to(device).eval()
     out = []
@@ -104,6 +124,8 @@ def view_features(
 def lidar_transform(data: EvalDataSection) -> transforms.Compose:
     """The augmentation whose views LiDAR scores: RandomResizedCrop (scale 0.3-1, bicubic),
     horizontal flip, ``data``'s normalisation."""
+    from torchvision import transforms
+
     return transforms.Compose([
         transforms.RandomResizedCrop(data.img_size, scale=(0.3, 1.0),
                                      interpolation=transforms.InterpolationMode.BICUBIC),
@@ -136,6 +158,8 @@ def lidar_of_folder(
     """(LiDAR, number of images scored) of ``views`` augmented views (``lidar_transform``) of
     ``images`` images drawn from ``folder`` with ``rng`` (all of them, with a warning appended to
     ``warnings``, where the folder has fewer; unreadable images are left out)."""
+    from ..data.folder import SafeImageFolder
+
     dataset = SafeImageFolder(folder, transform=lidar_transform(data))
     n = capped("rank.lidar_images", images, len(dataset), [] if warnings is None else warnings)
     feats = view_features(encoder, dataset, rng.permutation(len(dataset))[:n], views,
@@ -156,6 +180,8 @@ def rank(
 ) -> dict[str, float]:
     """``{"rankme", "lidar"}`` of ``encoder`` on the images of ``folder`` (no cache; LiDAR is
     skipped when ``lidar_images`` is 0); ``data_options``: ``EvalDataSection`` fields."""
+    import torch
+
     data = EvalDataSection(**data_options)
     feats = encode_folder(encoder, folder, data, layers).feats
     rng = np.random.default_rng(seed)
@@ -198,6 +224,10 @@ def run(cfg: RankConfig) -> Optional[dict[str, float]]:
         "lidar_augmentation": "RandomResizedCrop(scale 0.3-1) bicubic + flip",
     }  # fmt: skip
     dist_info = start_run(cfg, "rank", settings, folders=(f"{r.split}_folder",))
+    import torch  # (after the cheap checks of start_run)
+
+    from ..build import build_encoder
+
     feats = split_features(cfg, folder, dist_info)
     if not dist_info.is_main:
         return None

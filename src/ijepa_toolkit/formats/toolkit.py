@@ -52,6 +52,7 @@ def read(raw: RawCheckpoint) -> Contents:
         epoch=epoch_of(obj), num_heads=_num_heads(section, arch),
         layernorm_eps=float(eps) if eps is not None else None,
         other_keys=other, meta=scalars_of(obj, other), **_pos_provenance(section, encoders),
+        variant=_variant(section),
     )  # fmt: skip
 
 
@@ -62,6 +63,12 @@ def _pos_provenance(section: dict, encoders: dict) -> dict:
     if SINGLE in encoders or kind not in ("sincos", "learned"):
         return {}
     return {"pos_kind": kind, "pos_source": f"toolkit pretraining config model.pos_embed={kind}"}
+
+
+def _variant(section: dict) -> dict:
+    """``model.mlp_act`` of a pretraining config, which no tensor shows (``{}``: exact GELU)."""
+    act = section.get("mlp_act", "gelu")
+    return {} if act == "gelu" else {"mlp_act": act}
 
 
 def _num_heads(section: dict, arch: dict) -> Optional[int]:

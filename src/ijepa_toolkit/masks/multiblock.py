@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:  # (torch is imported where masks are drawn: the mask section reads without it)
+    import torch
 
 logger = logging.getLogger("ijepa_toolkit")
 
@@ -82,6 +83,8 @@ class MultiBlockMaskSampler:
 
     def block_size(self, generator: torch.Generator, scale, aspect) -> tuple[int, int]:
         """(h, w) of a block covering ``scale`` of the grid at aspect ``h / w`` (official draw)."""
+        import torch
+
         rand = torch.rand(1, generator=generator).item()
         mask_scale = scale[0] + rand * (scale[1] - scale[0])
         max_keep = int(self.height * self.width * mask_scale)
@@ -99,6 +102,8 @@ class MultiBlockMaskSampler:
     def _blocks(self, size: tuple[int, int], shape: tuple[int, ...], generator) -> torch.Tensor:
         """(*shape, H, W) bool masks of blocks of ``size`` at uniform positions, the last row and
         column included."""
+        import torch
+
         h, w = size
         top = torch.randint(0, self.height - h + 1, (*shape, 1, 1), generator=generator)
         left = torch.randint(0, self.width - w + 1, (*shape, 1, 1), generator=generator)
@@ -108,6 +113,8 @@ class MultiBlockMaskSampler:
 
     def _legacy_block(self, size, generator, acceptable=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The official ``_sample_block_mask``: (indices, complement) with its relaxation loop."""
+        import torch
+
         h, w = size
         tries, timeout = 0, 20
         while True:
@@ -135,6 +142,8 @@ class MultiBlockMaskSampler:
         self, batch_size: int, step: int, generator: Optional[torch.Generator] = None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``(masks_enc, masks_pred)`` for ``batch_size`` images; see the class docstring."""
+        import torch
+
         g = torch.Generator()
         g.manual_seed(step)
         cfg = self.cfg
@@ -164,6 +173,8 @@ class MultiBlockMaskSampler:
         return random_subsets(contexts, generator), random_subsets(targets, generator)
 
     def _sample_legacy(self, batch_size, p_size, e_size, generator):
+        import torch
+
         cfg = self.cfg
         enc, pred = [], []
         min_pred = min_enc = self.height * self.width
@@ -190,6 +201,8 @@ class MultiBlockMaskSampler:
 def random_subsets(masks: torch.Tensor, generator: Optional[torch.Generator]) -> list[torch.Tensor]:
     """(B, M, N) bool masks -> M index tensors (B, K), K the smallest mask, each row a random
     subset of its mask's indices in increasing order."""
+    import torch
+
     k = int(masks.sum(dim=2).min())
     scores = torch.rand(masks.shape, generator=generator).masked_fill_(~masks, -1.0)
     keep = scores.topk(k, dim=2).indices.sort(dim=2).values

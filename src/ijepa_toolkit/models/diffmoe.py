@@ -13,6 +13,10 @@ commit elucidating-featurenorm-ijepa pins; docs/diffmoe.md).
   batch) in the ``threshold`` buffer. In evaluation token ``t`` goes to expert ``e`` when its
   predicted probability is ``>= threshold[e]``, so the number of tokens per expert varies with the
   input and a token's output does not depend on the rest of the batch.
+- Padding (packed rows): ``padding`` (B, N) bool, set for a forward, gives padding tokens gate
+  0 in training (they are routed last and add nothing), keeps them out of the BCE (mean over the
+  other tokens) and never routes them in evaluation, as the seed's ``padding_mask``; ``k`` and
+  the threshold still count every token, as there.
 - Experts are timm ``Mlp``s with the seed's tanh-approximated GELU. The module receives the
   block's normalised tokens and returns the MLP branch (the timm block adds the residual).
 """
@@ -20,6 +24,7 @@ commit elucidating-featurenorm-ijepa pins; docs/diffmoe.md).
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -54,20 +59,24 @@ class DiffMoEMlp(nn.Module):
         self.register_buffer("threshold_initialized", torch.zeros((), dtype=torch.bool))
         self.aux_loss = torch.zeros(())
         self.last_counts = torch.zeros(num_experts, dtype=torch.long)
+        self.padding: Optional[torch.Tensor] = None  # (B, N) bool: padding of the next inputs
 
     def gate(self, tokens: torch.Tensor) -> torch.Tensor:
         """(T, D) -> (T, E) mixing weights in [0, 1]."""
         return (torch.tanh(self.router(tokens)) + 1) / 2
 
-    def route(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(T, D) -> (T, E) boolean: which experts process each token (train: top-k per expert)."""
+    def route(self, tokens: torch.Tensor, weights: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """(T, D) -> (T, E) boolean: which experts process each token (train: top-k per expert of
+        the ``weights``). ``pad`` (T,) bool: padding tokens, never routed in evaluation, gate 0
+        and out of the BCE in training (the seed's ``padding_mask``)."""
         if not self.training:
-            return self.capacity_predictor(tokens).sigmoid() >= self.threshold
+            return (self.capacity_predictor(tokens).sigmoid() >= self.threshold) & ~pad[:, None]
         k = max(1, min(len(tokens), int(len(tokens) * self.capacity) // self.num_experts))
         chosen = torch.zeros(len(tokens), self.num_experts, dtype=torch.bool, device=tokens.device)
-        chosen.scatter_(0, self.gate(tokens).topk(k, dim=0).indices, True)
+        chosen.scatter_(0, weights.topk(k, dim=0).indices, True)
         logits = self.capacity_predictor(tokens.detach())
-        self.aux_loss = F.binary_cross_entropy_with_logits(logits, chosen.to(logits.dtype))
+        bce = F.binary_cross_entropy_with_logits(logits, chosen.to(logits.dtype), reduction="none")
+        self.aux_loss = bce.mean(-1)[~pad].sum() / (~pad).sum().clamp(min=1)
         self.update_threshold(logits.detach().float().sigmoid().sort(dim=0).values[-k])
         return chosen
 
@@ -85,8 +94,11 @@ class DiffMoEMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
-        chosen = self.route(tokens)
-        weights = self.gate(tokens)
+        pad = torch.zeros(len(tokens), dtype=torch.bool, device=x.device)
+        if self.padding is not None:
+            pad = self.padding.reshape(-1).to(x.device)
+        weights = self.gate(tokens).masked_fill(pad[:, None], 0)
+        chosen = self.route(tokens, weights, pad)
         out = torch.zeros_like(tokens)
         for e, expert in enumerate(self.experts):
             idx = chosen[:, e].nonzero().squeeze(1)

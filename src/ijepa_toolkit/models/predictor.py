@@ -18,13 +18,25 @@ Registers (Darcet et al., 2024): ``arch.num_registers = N > 0`` adds a learned
 ``predictor_registers`` (1, N, Dp) prepended to every predictor sequence and dropped before
 ``predictor_proj``'s output is returned, so they are never predictions and never in the loss.
 With N = 0 (default) the module has exactly the official parameters and forward.
+
+Encoder registers (elucidating-featurenorm-ijepa ``Predictor.forward``, ``src/model.py`` @
+eb093c2): ``forward(..., registers=r)`` with the context encoder's (B', R, D) register outputs
+adds R context tokens at the position of patch (0, 0) (the seed's register position ids), never
+predicted: ``predictor_embed(r)`` when the predictor has no registers of its own, else its
+``predictor_registers`` in their place (``zero_encoder_registers``, the seed's default
+``should_zero_ctx_register_tokens``) or added to them.
+
+ToMe (IJEPA-Enhanced ``Predictor`` / ``TomeBlocks``, ``ijepa_enhanced/vit.py`` @ 03b6a50):
+``tome_rates`` (one count per block, default none) merges tokens after each block's attention,
+``tome_mode`` ``drop`` by default (Enhanced's ``Predictor.forward`` leaves ``TomeBlocks``' default
+mode); the final norm sees the merged tokens, which are then unmerged (models/tome.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from timm.layers import trunc_normal_
@@ -32,7 +44,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from .pos_embed import sincos_2d
-from .vit import Masks, apply_masks, count_blocks, heads_for_width
+from .tome import tome_blocks
+from .vit import Masks, apply_masks, block_rows, count_blocks, heads_for_width
 
 TargetInput = Literal["mask_token", "stop_noise", "stop_zero_noise"]
 TARGET_INPUTS = ("mask_token", "stop_noise", "stop_zero_noise")
@@ -79,8 +92,13 @@ class IJEPAPredictor(nn.Module):
         drop_path_rate: float = 0.0,
         stop_sigma: float = 0.0,
         target_input: Optional[TargetInput] = None,
+        tome_rates: Sequence[int] = (),
+        tome_mode: Literal["mean", "drop"] = "drop",
+        zero_encoder_registers: bool = True,
     ):
         super().__init__()
+        self.tome_rates, self.tome_mode = tuple(tome_rates), tome_mode
+        self.zero_encoder_registers = zero_encoder_registers
         target_input = target_input or ("stop_noise" if stop_sigma > 0 else "mask_token")
         if target_input not in TARGET_INPUTS:
             raise ValueError(f"target_input must be one of {TARGET_INPUTS}, got {target_input!r}")
@@ -121,8 +139,10 @@ class IJEPAPredictor(nn.Module):
         masks_x: Masks,
         masks: Masks,
         generator: Optional[torch.Generator] = None,
+        registers: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``generator``: draws StoP's noise (``stop_noise``), else the global generator."""
+        """``generator``: draws StoP's noise (``stop_noise``), else the global generator;
+        ``registers``: (len(x), R, D) encoder register outputs (module docstring)."""
         masks_x = [masks_x] if isinstance(masks_x, torch.Tensor) else list(masks_x)
         masks = [masks] if isinstance(masks, torch.Tensor) else list(masks)
         batch = len(x) // len(masks_x)
@@ -136,15 +156,56 @@ class IJEPAPredictor(nn.Module):
             [self._target_tokens(pos, m, batch, len(masks_x), generator) for m in masks]
         )
         x = torch.cat([x.repeat(len(masks), 1, 1), pred_tokens.to(x.dtype)], dim=1)
-        n_prefix = n_context
-        if self.arch.num_registers > 0:
-            registers = self.predictor_registers.to(x.dtype).expand(len(x), -1, -1)
-            x = torch.cat([registers, x], dim=1)
-            n_prefix += self.arch.num_registers
-        for blk in self.predictor_blocks:
-            x = blk(x)
-        x = self.predictor_norm(x)
-        return self.predictor_proj(x[:, n_prefix:])
+        prefix = self._prefix(registers, pos[:, :1], len(masks))
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype).expand(len(x), -1, -1), x], dim=1)
+        n_prefix = n_context + (0 if prefix is None else prefix.shape[1])
+        return self.predictor_proj(self.blocks_forward(x, keep_from=n_prefix))
+
+    def _prefix(
+        self, registers: Optional[torch.Tensor], origin: torch.Tensor, repeat: int
+    ) -> Optional[torch.Tensor]:
+        """Register tokens put before the context: the predictor's own (1, N, Dp), or from the
+        (B', R, D) encoder ``registers`` at the (B, 1, Dp) ``origin`` position, repeated for
+        each target mask (module docstring); None without either."""
+        own = self.predictor_registers if self.arch.num_registers > 0 else None
+        if registers is None:
+            return own
+        if own is not None and own.shape[1] != registers.shape[1]:
+            raise ValueError(
+                f"{registers.shape[1]} encoder registers for {own.shape[1]} predictor registers"
+            )
+        origin = origin.repeat(len(registers) // len(origin), 1, 1)
+        if own is None:
+            tokens = self.predictor_embed(registers)
+        elif self.zero_encoder_registers:
+            tokens = own.expand(len(registers), -1, -1)
+        else:
+            tokens = self.predictor_embed(registers) + own
+        return (tokens + origin).repeat(repeat, 1, 1)
+
+    def blocks_forward(
+        self, x: torch.Tensor, ids: Optional[torch.Tensor] = None,
+        attn_mask_fn: Optional[Callable] = None, keep_from: int = 0,
+    ) -> torch.Tensor:  # fmt: skip
+        """The blocks and ``predictor_norm`` on (B, N, Dp) tokens -> (B, N - keep_from, Dp), the
+        rows from ``keep_from`` on (without a mask the last block computes only those:
+        ``vit.block_rows``, same numbers); with ``tome_rates`` merging after each attention
+        (``ids`` (B, N) image ids, -1 padding; ``attn_mask_fn(ids)`` the attention mask), normed
+        merged, then unmerged."""
+        if any(self.tome_rates):
+            return tome_blocks(
+                self.predictor_blocks, x, list(self.tome_rates), ids, attn_mask_fn,
+                "attention", self.tome_mode, norm=self.predictor_norm,
+            )[:, keep_from:]  # fmt: skip
+        mask = attn_mask_fn(ids) if attn_mask_fn is not None else None
+        last = len(self.predictor_blocks) - 1
+        for i, blk in enumerate(self.predictor_blocks):
+            if i == last and mask is None and keep_from:
+                x, keep_from = block_rows(blk, x, keep_from), 0
+            else:
+                x = blk(x, attn_mask=mask)
+        return self.predictor_norm(x[:, keep_from:])
 
     def _target_tokens(
         self, pos: torch.Tensor, mask: torch.Tensor, batch: int, repeat: int,

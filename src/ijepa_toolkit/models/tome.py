@@ -15,11 +15,14 @@ ijepa-enhanced ``ijepa_enhanced/tome/tome.py`` + ``vit.py``; see docs/tome.md):
   attention residual, before the MLP (ijepa-enhanced);
 - integer positions (RoPE) merge by the mean truncated to an integer, and RoPE is recomputed;
 - after the final norm the merges are undone (each merged token is copied back to every position
-  it absorbed), giving the input's (B, N, D) shape.
+  it absorbed), giving the input's (B, N, D) shape -- or, as IJEPA-Enhanced's
+  ``should_unmerge: false``, kept merged, with ``TomeState.merge_all`` to merge any per-token
+  tensor (positions, target masks) the same way.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -99,38 +102,75 @@ def attention_keys(attn, h: torch.Tensor) -> torch.Tensor:
     return k.mean(dim=1)
 
 
-def tome_blocks(
+@dataclass
+class TomeState:
+    """The merges of one ``merge_blocks`` run over (B, N) tokens: ``ids`` (B, N') merged image
+    ids (None without ids), one ``merge`` / ``unmerge`` pair per merging block."""
+
+    n: int
+    ids: Optional[torch.Tensor] = None
+    merges: list = field(default_factory=list)
+    undo: list = field(default_factory=list)
+
+    def unmerge(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N', ...) -> (B, N, ...): each merged token copied back to every token it holds."""
+        for unmerge in reversed(self.undo):
+            x = unmerge(x)
+        return x
+
+    def members(self, like: torch.Tensor) -> torch.Tensor:
+        """(B, N', N) float: 1 where merged token i holds input token j (in ``drop`` mode too:
+        a dropped token belongs to its partner, as IJEPA-Enhanced's ``adm``)."""
+        m = torch.eye(self.n, dtype=torch.float32, device=like.device).expand(like.shape[0], -1, -1)
+        for merge in self.merges:
+            m = (merge(m, "mean") > 0).float()
+        return m
+
+    def merge_all(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, N, ...) per-input-token values -> (B, N', ...) the mean over the input tokens
+        each merged token holds, in float32 (IJEPA-Enhanced ``TokenMerger.merge_all``)."""
+        m = self.members(t)
+        flat = t.reshape(t.shape[0], self.n, -1).float()
+        out = (m @ flat) / m.sum(-1, keepdim=True)
+        return out.reshape(t.shape[0], -1, *t.shape[2:])
+
+
+def merge_blocks(
     blocks, x: torch.Tensor, rates: list, ids: Optional[torch.Tensor] = None,
     attn_mask_fn: Optional[Callable] = None, placement: str = "attention", mode: str = "mean",
-    rope=None, norm: Optional[Callable] = None,
-) -> torch.Tensor:  # fmt: skip
+    rope=None,
+) -> tuple[torch.Tensor, TomeState]:  # fmt: skip
     """Run timm ``blocks`` on (B, N, D) tokens merging ``rates[i]`` tokens in block i (after the
-    attention or after the whole block, see ``placement``); ``norm`` (default none) is applied to
-    the merged tokens, then the merges are undone: returns (B, N, D).
+    attention or after the whole block, see ``placement``): the (B, N', D) merged tokens and
+    their ``TomeState``.
 
     ``ids`` (B, N) image ids (-1 padding); ``attn_mask_fn(ids)`` gives the attention mask of the
     current tokens (packed rows). With ``rope`` (a ``Rope2D`` whose ``pos`` holds the (B, N, 2)
     positions) the positions are merged too and RoPE follows the merged tokens.
     """
     if len(rates) != len(blocks):
-        raise UserError(f"model.tome_rates has {len(rates)} entries for {len(blocks)} blocks")
+        raise UserError(
+            f"ToMe rates {list(rates)} have {len(rates)} entries for {len(blocks)} blocks "
+            "(model.tome_rates / target_tome_rates / pred_tome_rates: one count per block)"
+        )
     if placement not in PLACEMENTS:
         raise UserError(f"model.tome_placement must be one of {PLACEMENTS}, got {placement!r}")
     pos = rope.pos.round().long() if rope is not None else None
-    undo = []
+    state = TomeState(x.shape[1], ids)
 
     def step(x, keys, r):
-        nonlocal ids, pos
-        merge, unmerge, new_ids = bipartite_soft_matching(keys, r, ids)
-        undo.append(unmerge)
-        ids = new_ids if ids is not None else None
+        nonlocal pos
+        merge, unmerge, new_ids = bipartite_soft_matching(keys, r, state.ids)
+        state.merges.append(merge)
+        state.undo.append(unmerge)
+        state.ids = new_ids if state.ids is not None else None
         if pos is not None:
             pos = merge(pos)
             rope.pos = pos.float()
         return merge(x, mode)
 
     for block, r in zip(blocks, rates):
-        mask = attn_mask_fn(ids) if attn_mask_fn is not None else None
+        mask = attn_mask_fn(state.ids) if attn_mask_fn is not None else None
         h = block.norm1(x)
         keys = attention_keys(block.attn, h) if r > 0 else None
         x = x + block.drop_path1(block.ls1(block.attn(h, attn_mask=mask)))
@@ -139,8 +179,18 @@ def tome_blocks(
         x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
         if r > 0 and placement == "block":
             x = step(x, keys, r)
+    return x, state
+
+
+def tome_blocks(
+    blocks, x: torch.Tensor, rates: list, ids: Optional[torch.Tensor] = None,
+    attn_mask_fn: Optional[Callable] = None, placement: str = "attention", mode: str = "mean",
+    rope=None, norm: Optional[Callable] = None, unmerge: bool = True,
+):  # fmt: skip
+    """``merge_blocks``, then ``norm`` (default none) on the merged tokens; returns the unmerged
+    (B, N, D) tokens, or with ``unmerge=False`` the (B, N', D) merged tokens and their
+    ``TomeState`` (IJEPA-Enhanced ``should_unmerge: false``)."""
+    x, state = merge_blocks(blocks, x, rates, ids, attn_mask_fn, placement, mode, rope)
     if norm is not None:
         x = norm(x)
-    for unmerge in reversed(undo):
-        x = unmerge(x)
-    return x
+    return state.unmerge(x) if unmerge else (x, state)

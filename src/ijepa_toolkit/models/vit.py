@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
@@ -52,9 +53,18 @@ class EncoderArch:
     norm: str = "layernorm"  # output norm: layernorm | dyntanh
     block_norm: str = "layernorm"  # norm1/norm2 inside the blocks: layernorm | dyntanh
     norm_affine: bool = True  # DynTanh weight/bias (LayerNorm is always affine)
+    norm_out_affine: Optional[bool] = None  # the output DynTanh's (None: norm_affine)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def output_affine(self) -> bool:
+        """Whether the output norm (a DynTanh) has weight/bias."""
+        return self.norm_affine if self.norm_out_affine is None else self.norm_out_affine
+
+    def own_output_norm(self) -> bool:
+        """The output norm differs from the blocks' (kind or affine): built on its own."""
+        return (self.norm, self.output_affine()) != (self.block_norm, self.norm_affine)
 
 
 def heads_for_width(embed_dim: int, num_heads: Optional[int] = None, what: str = "encoder") -> int:
@@ -152,8 +162,8 @@ def create_encoder(
         norm_layer=norm_layer or blocks_norm,
         pos_embed_kind=pos_embed_kind,
     )
-    if norm_layer is None and arch.norm != arch.block_norm:
-        output_norm = make_norm_layer(arch.norm, arch.layernorm_eps, arch.norm_affine)
+    if norm_layer is None and arch.own_output_norm():
+        output_norm = make_norm_layer(arch.norm, arch.layernorm_eps, arch.output_affine())
         model.norm = output_norm(arch.embed_dim)
     if pos_embed_kind == "sincos":
         with torch.no_grad():
@@ -177,7 +187,9 @@ def infer_encoder_arch(state_dict: dict, num_heads: Optional[int] = None) -> Enc
     eps = 1e-6
     norm = "dyntanh" if "norm.alpha" in state_dict else "layernorm"
     block_norm = "dyntanh" if "blocks.0.norm1.alpha" in state_dict else "layernorm"
-    dyntanh_key = "norm" if norm == "dyntanh" else "blocks.0.norm1"
+    affine = f"{'blocks.0.norm1' if block_norm == 'dyntanh' else 'norm'}.weight" in state_dict
+    out_affine = "norm.weight" in state_dict  # (its own only when both norms are DynTanh)
+    own_out = norm == block_norm == "dyntanh" and out_affine != affine
     return EncoderArch(
         img_size=grid * patch_h,
         patch_size=patch_h,
@@ -190,7 +202,8 @@ def infer_encoder_arch(state_dict: dict, num_heads: Optional[int] = None) -> Enc
         layernorm_eps=eps,
         norm=norm,
         block_norm=block_norm,
-        norm_affine=f"{dyntanh_key}.weight" in state_dict,
+        norm_affine=affine,
+        norm_out_affine=out_affine if own_out else None,
     )
 
 
@@ -232,3 +245,29 @@ def encode_masked(encoder: VisionTransformer, x: torch.Tensor, masks: Masks) -> 
     else:
         tokens = encoder.blocks(tokens)
     return encoder.norm(tokens)
+
+
+def block_rows(block: nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:
+    """``block(x)[:, start:]`` of a timm ``Block`` on (B, N, D) tokens, computed for those rows
+    only: (B, N - start, D).
+
+    Keys and values still come from all N tokens; the queries, the attention output, the MLP and
+    the residuals are computed for the kept rows alone, with the same operations in the same
+    order, so the numbers are those of the whole block (the predictor's last block keeps only its
+    target tokens: most of its rows are context). No attention mask.
+    """
+    attn, h = block.attn, block.norm1(x)
+    b, n, _ = h.shape
+    qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q)[:, :, start:], attn.k_norm(k)
+    drop = attn.attn_drop.p if attn.training else 0.0
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+    else:
+        out = attn.attn_drop((q * attn.scale @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+    out = attn.norm(out.transpose(1, 2).reshape(b, n - start, -1))
+    if getattr(attn, "gate", None) is not None:
+        out = out * attn.gate(h[:, start:]).sigmoid()
+    x = x[:, start:] + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))

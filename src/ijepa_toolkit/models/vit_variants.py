@@ -194,12 +194,19 @@ class VariantViT(IJEPAVisionTransformer):
 
     def encode_masked(self, x: torch.Tensor, masks: Masks) -> torch.Tensor:
         """Kept patches only (see ``vit.encode_masked``): (M*B, K, D), registers removed."""
+        return self.encode_masked_registers(x, masks)[0]
+
+    def encode_masked_registers(
+        self, x: torch.Tensor, masks: Masks
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``encode_masked`` and the (M*B, R, D) register outputs (after the final norm)."""
         patches = self.patch_embed(x)
         b, h, w, _ = patches.shape
         tokens = apply_masks(IJEPAVisionTransformer._pos_embed(self, patches), masks)
         pos = apply_masks(grid_positions(h, w, x.device)[None].expand(b, -1, -1), masks)
         tokens = self.norm(self.blocks(self._with_registers(tokens, pos)))
-        return tokens[:, self.num_prefix_tokens :]
+        n = self.num_prefix_tokens
+        return tokens[:, n:], tokens[:, :n]
 
 
 def create_variant_encoder(
@@ -221,8 +228,8 @@ def create_variant_encoder(
         moe_experts=moe_experts, moe_capacity=moe_capacity, moe_threshold=moe_threshold,
         mlp_act=mlp_act, qk_norm_layer=qk_layer,
     )  # fmt: skip
-    if arch.norm != arch.block_norm:
-        model.norm = make_norm_layer(arch.norm, arch.layernorm_eps, arch.norm_affine)(
+    if arch.own_output_norm():
+        model.norm = make_norm_layer(arch.norm, arch.layernorm_eps, arch.output_affine())(
             arch.embed_dim
         )
     if pos_kind == "sincos":

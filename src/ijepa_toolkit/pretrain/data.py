@@ -2,52 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch.utils.data import Sampler
 from torchvision import transforms
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-
-@dataclass
-class DataSection:
-    """The official ``data`` section, with the toolkit's one folder key: images come from
-    ``train_folder`` (class sub-folders; labels unused), the official ``root_path/image_folder``.
-    ``digits_root`` builds scikit-learn's digits there and trains on them instead. kNN / LiDAR
-    probes use ``knn_train_folder`` / ``knn_val_folder`` (the digits splits for ``digits_root``).
-    """
-
-    train_folder: str = ""  # ImageFolder of the training images (official root_path/image_folder)
-    digits_root: Optional[str] = None  # build scikit-learn's digits here and use them (demo/tests)
-    batch_size: int = 128  # per process
-    crop_size: int = 224
-    crop_scale: tuple[float, float] = (0.3, 1.0)
-    use_horizontal_flip: bool = False
-    use_color_distortion: bool = False
-    color_jitter_strength: float = 0.0
-    use_gaussian_blur: bool = False
-    num_workers: int = 10
-    pin_mem: bool = True
-    knn_train_folder: Optional[str] = None
-    knn_val_folder: Optional[str] = None
-
-    def checks(self) -> list[tuple[str, Any, bool, str]]:
-        lo, hi = self.crop_scale
-        return [
-            ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
-            ("crop_size", self.crop_size, self.crop_size >= 1, ">= 1"),
-            ("crop_scale", self.crop_scale, 0 < lo <= hi <= 1,
-             "[min, max] with 0 < min <= max <= 1"),
-            ("color_jitter_strength", self.color_jitter_strength,
-             self.color_jitter_strength >= 0, ">= 0"),
-            ("num_workers", self.num_workers, self.num_workers >= 0, ">= 0"),
-            ("train_folder", self.train_folder, not (self.train_folder and self.digits_root),
-             "empty when data.digits_root is set (give one of the two)"),
-        ]  # fmt: skip
+from .sections import DataSection
 
 
 def pretrain_transform(cfg: DataSection) -> transforms.Compose:

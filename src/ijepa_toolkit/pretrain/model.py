@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
+from ..errors import ConfigError
+from ..models.pos_embed import sincos_2d
 from ..models.predictor import IJEPAPredictor, PredictorArch, repeat_interleave_batch
+from ..models.tome import TomeState
 from ..models.vit import (
     MODEL_SIZES,
     EncoderArch,
@@ -23,76 +26,11 @@ from ..models.vit import (
     encode_masked,
 )
 from ..models.vit_variants import create_variant_encoder
-from .packing import PackedBatch, encode_packed, predict_packed
+from .packing import PAD, PackedBatch, _positions, _sample_mask, encode_packed, predict_batch
+from .sections import ModelSection
 from .token_drop import TokenDrop, select_context
 
 LOSSES = ("smooth_l1", "l2")
-
-
-@dataclass
-class ModelSection:
-    """Encoder, predictor and the StoP / feature-normalisation switches."""
-
-    model_name: Literal[
-        "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant"
-    ] = "vit_huge"
-    patch_size: int = 14
-    arch: Optional[dict] = None  # EncoderArch fields overriding the named size (tiny tests)
-    pred_depth: int = 12
-    pred_emb_dim: int = 384
-    drop_path: float = 0.0
-    output_norm: Literal["layernorm", "dyntanh"] = "layernorm"  # the encoder's final norm
-    block_norm: Literal["layernorm", "dyntanh"] = "layernorm"  # norm1/norm2 inside the blocks
-    norm_affine: bool = True  # DynTanh weight/bias
-    target_norm: Literal[
-        "layernorm", "batchnorm", "running_batchnorm", "running_batchnorm_singleton", "none"
-    ] = "layernorm"  # pretrain/targets.py
-    stop: bool = False  # StoP: stochastic positions for the predictor's target tokens
-    stop_sigma: float = 0.25  # std of the StoP noise, in the encoder width
-    loss: Literal["smooth_l1", "l2"] = "smooth_l1"
-    # variable-resolution options (models/vit_variants.py), off by default
-    pos_embed: Literal["sincos", "learned", "factorized", "rope"] = "sincos"
-    rope_theta: float = 10000.0
-    num_registers: int = 0  # encoder register tokens (not targets, not pooled)
-    pred_num_registers: int = 0  # predictor register tokens (never predictions, never in the loss)
-    # predictor token dropping + batch repeat (token_drop.py); 1.0 / 1 = off
-    pred_capacity: float = 1.0  # fraction of context and of target tokens per predictor copy
-    pred_repeats: int = 1  # predictor copies per image
-    pred_replacement: bool = True  # copies draw independently (seed), else disjoint subsets
-    pred_window: int = 1  # token-drop units: window x window patches (featurenorm: 2)
-    tome_rates: list = field(default_factory=list)  # ToMe: tokens merged per encoder block
-    # ToMe merge point: after the attention (ijepa-enhanced) or after the whole block (featurenorm)
-    tome_placement: Literal["attention", "block"] = "attention"
-    tome_mode: Literal["mean", "drop"] = "mean"  # merged tokens: unweighted mean, or dropped
-    moe_experts: int = 0  # DiffMoE MLPs in the encoder (0: dense MLP)
-    moe_capacity: float = 1.0  # training: each expert takes capacity * tokens / experts tokens
-    moe_threshold: float = 0.5  # eval: capacity-predictor probability to use an expert
-    moe_aux_weight: float = 1.0  # weight of the capacity predictor's BCE in the loss
-
-    def checks(self) -> list[tuple[str, Any, bool, str]]:
-        cap, rep = self.pred_capacity, self.pred_repeats
-        disjoint_ok = self.pred_replacement or cap * rep <= 1 + 1e-9
-        return [
-            ("patch_size", self.patch_size, self.patch_size >= 1, ">= 1"),
-            ("pred_depth", self.pred_depth, self.pred_depth >= 1, ">= 1"),
-            ("pred_emb_dim", self.pred_emb_dim, self.pred_emb_dim >= 1, ">= 1"),
-            ("drop_path", self.drop_path, 0 <= self.drop_path < 1, "in [0, 1)"),
-            ("stop_sigma", self.stop_sigma, self.stop_sigma >= 0, ">= 0"),
-            ("rope_theta", self.rope_theta, self.rope_theta > 0, "> 0"),
-            ("num_registers", self.num_registers, self.num_registers >= 0, ">= 0"),
-            ("pred_num_registers", self.pred_num_registers, self.pred_num_registers >= 0, ">= 0"),
-            ("pred_capacity", cap, 0 < cap <= 1, "in (0, 1]"),
-            ("pred_repeats", rep, rep >= 1, ">= 1"),
-            ("pred_window", self.pred_window, self.pred_window >= 1, ">= 1"),
-            ("pred_capacity", cap, disjoint_ok,
-             f"<= 1 / pred_repeats ({rep}) for disjoint subsets (or set model.pred_replacement)"),
-            ("tome_rates", self.tome_rates,
-             all(isinstance(r, int) and r >= 0 for r in self.tome_rates), "a list of ints >= 0"),
-            ("moe_experts", self.moe_experts, self.moe_experts >= 0, ">= 0"),
-            ("moe_capacity", self.moe_capacity, self.moe_capacity > 0, "> 0"),
-            ("moe_threshold", self.moe_threshold, 0 <= self.moe_threshold <= 1, "in [0, 1]"),
-            ("moe_aux_weight", self.moe_aux_weight, self.moe_aux_weight >= 0, ">= 0"),
-        ]  # fmt: skip
 
 
 def encoder_arch(section: ModelSection, img_size: int) -> EncoderArch:
@@ -102,6 +40,7 @@ def encoder_arch(section: ModelSection, img_size: int) -> EncoderArch:
         img_size=img_size, patch_size=section.patch_size, embed_dim=width, depth=depth,
         num_heads=heads, mlp_ratio=mlp_ratio, norm=section.output_norm,
         block_norm=section.block_norm, norm_affine=section.norm_affine,
+        norm_out_affine=section.norm_out_affine, qkv_bias=section.qkv_bias,
     )  # fmt: skip
     fields.update(section.arch or {})
     try:
@@ -138,36 +77,144 @@ class ContextPath(nn.Module):
     ``forward(images, masks_enc, masks_pred)``: (B, C, H, W) images -> predictions
     (len(masks_pred) * len(masks_enc) * B, Kt, D), mask-major as the official code. With a
     ``TokenDrop`` the predictor sees its subsets of R copies: (Mp * Me * R * B, kt, D).
-    ``forward(packed_batch)``: predictions (R, Lt, D) at the packed target tokens (packing.py).
+    ``forward(packed_batch)``: predictions (C*R, kt, D) at the target tokens of the batch's
+    predictor copies (``packing.predictor_view``; C=1, kt=Lt without copies).
+    ``forward(packed_batch, merged=MergedTargets)``: ToMe without unmerging (IJEPA-Enhanced
+    ``should_unmerge: false``): predictions (C*R, L', D) at the merged target-encoder tokens.
+    ``encoder_registers``: the context encoder's registers enter the predictor (featurenorm).
     """
 
     def __init__(
         self, encoder: IJEPAVisionTransformer, predictor: IJEPAPredictor, tome_rates=(),
-        tome_placement: str = "attention", tome_mode: str = "mean",
+        tome_placement: str = "attention", tome_mode: str = "mean", encoder_registers: bool = False,
     ):  # fmt: skip
         super().__init__()
         self.encoder = encoder
         self.predictor = predictor
+        self.encoder_registers = encoder_registers
         self.tome_rates = tuple(tome_rates)  # ToMe in the packed encoder (packing.py)
         self.tome_options = {"tome_placement": tome_placement, "tome_mode": tome_mode}
 
     def forward(
         self, images: torch.Tensor | PackedBatch, masks_enc: Optional[Masks] = None,
         masks_pred: Optional[Masks] = None, drop: Optional[TokenDrop] = None,
+        merged: Optional[MergedTargets] = None,
     ) -> torch.Tensor:  # fmt: skip
+        if merged is not None:
+            return self._predict_merged(images, merged)
         if isinstance(images, PackedBatch):
             b = images
             ctx = encode_packed(
                 self.encoder, b.ctx_px, b.ctx_ids, b.ctx_gsample, b.grids, self.tome_rates,
                 **self.tome_options,
             )  # fmt: skip
-            return predict_packed(
-                self.predictor, ctx, b.ctx_ids, b.ctx_gsample, b.tgt_ids, b.tgt_gsample, b.grids
-            )
-        ctx = encode_masked(self.encoder, images, masks_enc)
+            return predict_batch(self.predictor, ctx, b)
+        if not self.encoder_registers:
+            ctx, regs = encode_masked(self.encoder, images, masks_enc), None
+        else:
+            ctx, regs = self.encoder.encode_masked_registers(images, masks_enc)
         if drop is None:
-            return self.predictor(ctx, masks_enc, masks_pred)
-        return self.predictor(select_context(ctx, drop), drop.masks_enc, drop.masks_pred)
+            return self.predictor(ctx, masks_enc, masks_pred, registers=regs)
+        if regs is not None:  # every copy keeps the registers of its image
+            regs = torch.cat([r.repeat(drop.repeats, 1, 1) for r in regs.chunk(len(drop.ctx_keep))])
+        return self.predictor(
+            select_context(ctx, drop), drop.masks_enc, drop.masks_pred, registers=regs
+        )
+
+    def _predict_merged(self, b: PackedBatch, merged: MergedTargets) -> torch.Tensor:
+        """Merged context tokens + mask tokens at the merged targets -> (C*R, L', D)."""
+        ctx, state = encode_packed(
+            self.encoder, b.ctx_px, b.ctx_ids, b.ctx_gsample, b.grids, self.tome_rates,
+            tome_unmerge=False, **self.tome_options,
+        )  # fmt: skip
+        p, c = self.predictor, merged.copies
+        pos = state.merge_all(predictor_positions(p, b.ctx_ids, b.ctx_gsample, b.grids))
+        x = p.predictor_embed(ctx) + pos.to(ctx.dtype)
+        t = p.mask_token.to(x.dtype) + merged.positions.to(x.dtype)
+        x = torch.cat([x, t], dim=1).repeat(c, 1, 1)
+        tgt_ids = merged.ids.repeat(c, 1).masked_fill(~merged.is_target, PAD)
+        ids = torch.cat([state.ids.repeat(c, 1), tgt_ids], dim=1)
+        x = p.blocks_forward(x, ids, _sample_mask)
+        return p.predictor_proj(x[:, ctx.shape[1] :])
+
+
+@dataclass
+class MergedTargets:
+    """The target encoder's merged packed rows (ToMe without unmerging): ``ids`` (R, L')
+    merged sample ids, ``positions`` (R, L', Dp) the mean predictor position of each merged
+    token, ``is_target`` (C*R, L') the merged tokens each predictor copy predicts (any of
+    their tokens is a target of the copy)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    is_target: torch.Tensor
+    copies: int
+
+
+def predictor_positions(predictor: IJEPAPredictor, ids, gsample, grids) -> torch.Tensor:
+    """(R, L, Dp) the predictor's sin-cos positions of packed tokens at each image's grid."""
+    width = predictor.predictor_embed.out_features
+    device = predictor.predictor_embed.weight.device
+    return _positions([sincos_2d(width, g).to(device)[0] for g in grids], gsample, ids, grids)
+
+
+def merged_packed_loss(
+    model: nn.Module, target_encoder: nn.Module, target_norm: nn.Module, batch: PackedBatch,
+    section: ModelSection,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """IJEPA-Enhanced ``compute_loss`` with ``should_unmerge: false`` (``ijepa_enhanced/
+    train.py`` @ 03b6a50): the target encoder's merged (R, L', D) tokens are the targets, a
+    merged token is a target of a predictor copy when any of its tokens is; the predictor sees
+    the merged context and mask tokens at the merged tokens' mean positions; the loss is over
+    the merged targets. ``model`` is the ``ContextPath`` (or its DDP wrapper). Returns (loss,
+    merged target-encoder tokens (R, L', D), their (R, L') image index)."""
+    with torch.no_grad():
+        ids = torch.cat([batch.ctx_ids, batch.tgt_ids], dim=1)
+        gsample = torch.cat([batch.ctx_gsample, batch.tgt_gsample], dim=1)
+        tokens, state = encode_packed(
+            target_encoder, torch.cat([batch.ctx_px, batch.tgt_px], dim=1), ids, gsample,
+            batch.grids, section.target_rates(), section.tome_placement, section.tome_mode,
+            tome_unmerge=False,
+        )  # fmt: skip
+        is_target = _merged_targets(state, batch)
+        c = len(is_target) // len(tokens)
+        target = target_norm(tokens, is_target[: len(tokens)]).repeat(c, 1, 1)
+        predictor = getattr(model, "module", model).predictor
+        positions = state.merge_all(predictor_positions(predictor, ids, gsample, batch.grids))
+    pred = model(batch, merged=MergedTargets(state.ids, positions, is_target, c))
+    loss = prediction_loss(pred[is_target], target[is_target].to(pred.dtype), section.loss)
+    return loss, tokens, state.merge_all(gsample).round().long()
+
+
+def _merged_targets(state: TomeState, batch: PackedBatch) -> torch.Tensor:
+    """(C*R, L') bool: merged tokens holding a target token of predictor copy j (row j*R + r)."""
+    view = batch.view
+    valid = batch.tgt_gsample != PAD
+    if view is not None and (view.ctx_index is not None or view.tgt_index is not None):
+        raise ConfigError("model.tome_unmerge=false works without predictor token dropping")
+    copies = valid[None] if view is None else view.tgt_valid.reshape(view.copies, *valid.shape)
+    ctx = torch.zeros_like(batch.ctx_gsample, dtype=torch.float32)
+    return torch.cat([state.merge_all(torch.cat([ctx, t.float()], 1)) > 0 for t in copies])
+
+
+def build_encoder(section: ModelSection, img_size: int) -> IJEPAVisionTransformer:
+    """A fresh encoder of ``section`` at ``img_size`` with the official init: the official
+    ``IJEPAVisionTransformer`` unless a ``VariantViT`` option is set (positions other than
+    sin-cos, registers, DiffMoE, q/k norm, tanh GELU)."""
+    arch = encoder_arch(section, img_size)
+    plain = section.pos_embed == "sincos" and section.mlp_act == "gelu" and not (
+        section.num_registers or section.moe_experts or section.qk_norm
+    )  # fmt: skip
+    if plain:
+        encoder = create_encoder(arch, pos_embed_kind="sincos", drop_path_rate=section.drop_path)
+    else:
+        encoder = create_variant_encoder(
+            arch, section.pos_embed, section.num_registers, section.rope_theta, section.drop_path,
+            section.moe_experts, section.moe_capacity, section.moe_threshold, section.mlp_act,
+            section.qk_norm,
+        )  # fmt: skip
+    official_init_(encoder, encoder.blocks)
+    return encoder
 
 
 def build_models(
@@ -175,24 +222,22 @@ def build_models(
 ) -> tuple[IJEPAVisionTransformer, IJEPAPredictor, IJEPAVisionTransformer]:
     """Fresh ``(encoder, predictor, target_encoder)`` with the official init; the target
     encoder is a frozen copy of the encoder and the sin-cos position tables are not trained."""
-    arch = encoder_arch(section, img_size)
-    if section.pos_embed == "sincos" and not section.num_registers and not section.moe_experts:
-        encoder = create_encoder(arch, pos_embed_kind="sincos", drop_path_rate=section.drop_path)
-    else:
-        encoder = create_variant_encoder(
-            arch, section.pos_embed, section.num_registers, section.rope_theta, section.drop_path,
-            section.moe_experts, section.moe_capacity, section.moe_threshold,
-        )  # fmt: skip
-    official_init_(encoder, encoder.blocks)
+    encoder = build_encoder(section, img_size)
+    arch = encoder.arch
     if section.pos_embed == "sincos":
         encoder.pos_embed.requires_grad_(False)
     pred_arch = PredictorArch(
         grid=img_size // arch.patch_size, embed_dim=arch.embed_dim,
         predictor_embed_dim=section.pred_emb_dim, depth=section.pred_depth,
-        num_heads=arch.num_heads, num_registers=section.pred_num_registers,
+        num_heads=section.pred_num_heads or arch.num_heads,
+        num_registers=section.pred_num_registers,
     )  # fmt: skip
     stop_sigma = section.stop_sigma if section.stop else 0.0
-    predictor = IJEPAPredictor(pred_arch, drop_path_rate=section.drop_path, stop_sigma=stop_sigma)
+    predictor = IJEPAPredictor(
+        pred_arch, drop_path_rate=section.drop_path, stop_sigma=stop_sigma,
+        tome_rates=section.pred_tome_rates, tome_mode=section.pred_tome_mode,
+        zero_encoder_registers=section.pred_zero_encoder_registers,
+    )  # fmt: skip
     official_init_(predictor, predictor.predictor_blocks)
     target_encoder = copy.deepcopy(encoder)
     for p in target_encoder.parameters():
@@ -218,8 +263,10 @@ def prediction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smoot
 
 @torch.no_grad()
 def ema_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
-    """``t = momentum * t + (1 - momentum) * s`` for every parameter pair (official order)."""
+    """``t = momentum * t + (1 - momentum) * s`` for every parameter pair, bitwise the official
+    ``t.mul_(m).add_((1 - m) * s)``: the product ``(1 - m) * s`` is rounded before the add (an
+    ``add_(s, alpha=1 - m)`` fuses the two and can differ in the last bit)."""
     t_params = list(target.parameters())
     s_params = [p.detach() for p in source.parameters()]
     torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+    torch._foreach_add_(t_params, torch._foreach_mul(s_params, 1.0 - momentum))

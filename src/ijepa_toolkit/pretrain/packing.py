@@ -1,8 +1,8 @@
 """NaViT-style sample packing for variable-resolution I-JEPA.
 
 Each image is resized to a random longer side in ``[min_side, max_side]`` pixels with its aspect
-kept, both sides rounded to whole ``patch * window`` units; one random target block (a rectangle
-of patches) is split off, the rest is context. Images are first-fit packed into rows with a fixed
+kept, both sides rounded to whole ``patch * window`` units, and split into context and target
+(``packing.split``, packing_split.py). Images are first-fit packed into rows with a fixed
 context budget and a fixed target budget (no image is ever dropped: one that fits no empty row is
 an error, and every image lands in exactly one row). Per token: ids ``(sample, register, row,
 col)`` (sample ``-1`` = padding) and the flattened patch pixels. Attention is restricted to tokens
@@ -12,34 +12,42 @@ padding and is never in the loss.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from ..masks.block import place_block
+from ..errors import ConfigError, UserError
+from ..models.diffmoe import DiffMoEMlp
 from ..models.pos_embed import sincos_2d
 from ..models.tome import tome_blocks
+from .packing_split import enhanced_crop, split_image
+from .sections import BLOCKS_NO_DROP, PackingSection
+from .token_drop import sample_units, unit_positions
 
 PAD = -1
 
 
 @dataclass
-class PackingSection:
-    """The ``packing`` config section (off by default)."""
+class PredictorView:
+    """The predictor's copies of R packed rows: copy ``j`` of row ``r`` is row ``j * R + r``.
 
-    enabled: bool = False
-    min_side: int = 16  # pixels, longer side
-    max_side: int = 32
-    window: int = 1  # sides are multiples of patch * window (2: 2x2 windows)
-    ctx_budget: int = 256  # context tokens per packed row
-    tgt_budget: int = 64  # target tokens per packed row
-    target_scale: list = field(default_factory=lambda: [0.15, 0.25])  # block area / image area
-    target_aspect: list = field(default_factory=lambda: [0.75, 1.5])
-    carry_over: bool = True  # the least full row's images wait for the next step (less padding)
+    ``ctx_index`` / ``tgt_index``: (C*R, k) positions into the row's context / target tokens
+    the copy keeps (None: all); ``tgt_valid``: (C*R, kt) bool, the kept target tokens this copy
+    predicts (and the loss counts)."""
+
+    copies: int
+    ctx_index: Optional[torch.Tensor]
+    tgt_index: Optional[torch.Tensor]
+    tgt_valid: torch.Tensor
+
+    def to(self, device) -> PredictorView:
+        """The same view on ``device``."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PredictorView(self.copies, move(self.ctx_index), move(self.tgt_index),
+                             self.tgt_valid.to(device))  # fmt: skip
 
 
 @dataclass
@@ -55,10 +63,14 @@ class PackedBatch:
     tgt_gsample: torch.Tensor
     grids: list  # (gh, gw) of every input image, in input order
     rows: list  # input indices packed in each row
+    tgt_blocks: Optional[torch.Tensor] = None  # (R, Lt, M) bool: target rectangle membership
+    view: Optional[PredictorView] = None  # the predictor's copies (predictor_view)
 
     def to(self, device) -> PackedBatch:
-        """The same batch with its tensors on ``device``."""
+        """The same batch with its tensors (and its view's) on ``device``."""
         moved = {k: v.to(device) for k, v in vars(self).items() if torch.is_tensor(v)}
+        if self.view is not None:
+            moved["view"] = self.view.to(device)
         return PackedBatch(**{**vars(self), **moved})
 
     def drop_row(self, r: int) -> PackedBatch:
@@ -78,18 +90,6 @@ def resized_shape(h: int, w: int, side: int, unit: int) -> tuple[int, int]:
     """(H, W) with the longer side ``side``, aspect kept, both rounded to multiples of ``unit``."""
     scale = side / max(h, w)
     return (max(unit, round(h * scale / unit) * unit), max(unit, round(w * scale / unit) * unit))
-
-
-def target_block(gh: int, gw: int, scale: float, aspect: float, gen: torch.Generator):
-    """Patch indices (row-major) of a random ``scale``-area block and of the rest (context)."""
-    if gh * gw < 2:
-        raise UserError(f"a {gh}x{gw}-patch image has no room for both context and target")
-    area = max(1.0, scale * gh * gw)
-    bh = min(gh, max(1, round(math.sqrt(area * aspect))))
-    bw = min(gw, max(1, round(math.sqrt(area / aspect))))
-    if bh * bw == gh * gw:  # keep at least one context patch
-        bh, bw = (bh - 1, bw) if bh > 1 else (bh, bw - 1)
-    return place_block((gh, gw), (bh, bw), gen)
 
 
 def first_fit(lengths: list, ctx_budget: int, tgt_budget: int) -> list:
@@ -130,39 +130,55 @@ def pack(images: list, patch: int, section: PackingSection, gen: torch.Generator
     unit = patch * section.window
     items, lengths, grids = [], [], []
     for img in images:
-        side = int(torch.randint(section.min_side, section.max_side + 1, (1,), generator=gen))
-        hw = resized_shape(img.shape[-2], img.shape[-1], side, unit)
-        x = F.interpolate(img[None], size=hw, mode="bilinear", antialias=True, align_corners=False)
-        gh, gw = hw[0] // patch, hw[1] // patch
-        lo, hi = section.target_scale
-        scale = lo + (hi - lo) * float(torch.rand(1, generator=gen))
-        log_a = [math.log(a) for a in section.target_aspect]
-        aspect = math.exp(log_a[0] + (log_a[1] - log_a[0]) * float(torch.rand(1, generator=gen)))
-        tgt, ctx = target_block(gh, gw, scale, aspect, gen)
-        items.append((patchify(x[0], patch), ctx, tgt, gw))
+        x = _sized(img, section, unit, gen)
+        gh, gw = x.shape[-2] // patch, x.shape[-1] // patch
+        ctx, tgt, blocks = split_image(gh, gw, section, gen)
+        items.append((patchify(x, patch), ctx, tgt, gw, blocks))
         lengths.append((len(ctx), len(tgt)))
         grids.append((gh, gw))
     rows = first_fit(lengths, section.ctx_budget, section.tgt_budget)
-    dim = items[0][0].shape[1]
-    parts = {}
-    for part, budget, which in (("ctx", section.ctx_budget, 1), ("tgt", section.tgt_budget, 2)):
-        px = torch.zeros(len(rows), budget, dim)
-        ids = torch.full((len(rows), budget, 4), PAD, dtype=torch.long)
-        ids[..., 1] = 0
-        gsample = torch.full((len(rows), budget), PAD, dtype=torch.long)
+    parts = [_pack_part(items, rows, budget, which)
+             for budget, which in ((section.ctx_budget, 1), (section.tgt_budget, 2))]  # fmt: skip
+    blocks = None
+    if items[0][4] is not None:
+        blocks = torch.zeros(len(rows), section.tgt_budget, section.num_targets, dtype=torch.bool)
         for r, members in enumerate(rows):
             at = 0
-            for s, i in enumerate(members):
-                tokens, index, gw = items[i][0], items[i][which], items[i][3]
-                n = len(index)
-                px[r, at : at + n] = tokens[index]
-                ids[r, at : at + n, 0] = s
-                ids[r, at : at + n, 2] = index // gw
-                ids[r, at : at + n, 3] = index % gw
-                gsample[r, at : at + n] = i
-                at += n
-        parts[part] = (px, ids, gsample)
-    return PackedBatch(*parts["ctx"], *parts["tgt"], grids=grids, rows=rows)
+            for i in members:
+                blocks[r, at : at + len(items[i][4])] = items[i][4]
+                at += len(items[i][4])
+    return PackedBatch(*parts[0], *parts[1], grids=grids, rows=rows, tgt_blocks=blocks)
+
+
+def _sized(img: torch.Tensor, section: PackingSection, unit: int, gen) -> torch.Tensor:
+    """(C, H, W) at its packed size: resized to a random longer side (``longer_side``), or
+    ijepa-enhanced's random crop (``enhanced_crop``, packing_split.py)."""
+    if section.resize == "enhanced_crop":
+        return enhanced_crop(img, section.min_side, section.max_side, unit, gen)
+    side = int(torch.randint(section.min_side, section.max_side + 1, (1,), generator=gen))
+    hw = resized_shape(img.shape[-2], img.shape[-1], side, unit)
+    x = F.interpolate(img[None], size=hw, mode="bilinear", antialias=True, align_corners=False)
+    return x[0]
+
+
+def _pack_part(items: list, rows: list, budget: int, which: int) -> tuple:
+    """(pixels, ids, gsample) of the context (``which`` 1) or target (2) tokens of each row."""
+    px = torch.zeros(len(rows), budget, items[0][0].shape[1])
+    ids = torch.full((len(rows), budget, 4), PAD, dtype=torch.long)
+    ids[..., 1] = 0
+    gsample = torch.full((len(rows), budget), PAD, dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for s, i in enumerate(members):
+            tokens, index, gw = items[i][0], items[i][which], items[i][3]
+            n = len(index)
+            px[r, at : at + n] = tokens[index]
+            ids[r, at : at + n, 0] = s
+            ids[r, at : at + n, 2] = index // gw
+            ids[r, at : at + n, 3] = index % gw
+            gsample[r, at : at + n] = i
+            at += n
+    return px, ids, gsample
 
 
 class PackingStream:
@@ -224,14 +240,15 @@ def _positions(tables: list, gsample: torch.Tensor, ids: torch.Tensor, grids: li
 
 def encode_packed(
     encoder, px, ids, gsample, grids, tome_rates: Sequence = (), tome_placement: str = "attention",
-    tome_mode: str = "mean",
-) -> torch.Tensor:  # fmt: skip
+    tome_mode: str = "mean", tome_unmerge: bool = True,
+):  # fmt: skip
     """Encoder over packed rows: (R, L, C*p*p) pixels -> (R, L, D) tokens after the final norm.
 
     Positions come from ``encoder.pos_embed_for_grid`` at each image's own grid (sin-cos exact,
     learned resampled, factorised, or RoPE on q/k); attention stays within each image.
     ``tome_rates``: tokens merged per block (ToMe within images, models/tome.py; merged RoPE
-    positions are averaged); the final norm sees the merged tokens, which are then unmerged.
+    positions are averaged); the final norm sees the merged tokens, which are then unmerged --
+    or, with ``tome_unmerge=False``, returned merged with their ``TomeState`` (models/tome.py).
     """
     if getattr(encoder, "reg_token", None) is not None:
         raise UserError("packing with encoder registers is not supported")
@@ -245,12 +262,26 @@ def encode_packed(
     if any(tome_rates):
         return tome_blocks(
             encoder.blocks, x, list(tome_rates), ids[..., 0], _sample_mask, tome_placement,
-            tome_mode, rope, encoder.norm,
+            tome_mode, rope, encoder.norm, tome_unmerge,
         )  # fmt: skip
     mask = same_image_mask(ids)
-    for block in encoder.blocks:
-        x = block(x, attn_mask=mask)
+    with moe_padding(encoder, gsample == PAD):
+        for block in encoder.blocks:
+            x = block(x, attn_mask=mask)
     return encoder.norm(x)
+
+
+@contextmanager
+def moe_padding(encoder, padding: torch.Tensor):
+    """Tell the encoder's DiffMoE MLPs which (R, L) tokens are padding, for one forward."""
+    moes = [m for m in encoder.modules() if isinstance(m, DiffMoEMlp)]
+    for m in moes:
+        m.padding = padding
+    try:
+        yield
+    finally:
+        for m in moes:
+            m.padding = None
 
 
 def predict_packed(predictor, ctx, ctx_ids, ctx_gsample, tgt_ids, tgt_gsample, grids):
@@ -264,10 +295,9 @@ def predict_packed(predictor, ctx, ctx_ids, ctx_gsample, tgt_ids, tgt_gsample, g
     x = predictor.predictor_embed(ctx) + _positions(tables, ctx_gsample, ctx_ids, grids)
     t = predictor.mask_token.to(x.dtype) + _positions(tables, tgt_gsample, tgt_ids, grids)
     x = torch.cat([x, t], dim=1)
-    mask = same_image_mask(torch.cat([ctx_ids, tgt_ids], dim=1))
-    for block in predictor.predictor_blocks:
-        x = block(x, attn_mask=mask)
-    return predictor.predictor_proj(predictor.predictor_norm(x[:, ctx.shape[1] :]))
+    ids = torch.cat([ctx_ids, tgt_ids], dim=1)[..., 0]
+    x = predictor.blocks_forward(x, ids, _sample_mask)  # blocks + norm (+ predictor ToMe)
+    return predictor.predictor_proj(x[:, ctx.shape[1] :])
 
 
 def per_image_mean(tokens: torch.Tensor, gsample: torch.Tensor, n: int) -> torch.Tensor:
@@ -285,3 +315,69 @@ def packed_loss(pred: torch.Tensor, target: torch.Tensor, gsample: torch.Tensor,
     valid = gsample != PAD
     p, t = pred[valid], target[valid]
     return F.smooth_l1_loss(p, t) if kind == "smooth_l1" else F.mse_loss(p, t)
+
+
+def predictor_view(
+    batch: PackedBatch, capacity: float = 1.0, repeats: int = 1, replacement: bool = True,
+    window: int = 1, generator: Optional[torch.Generator] = None,
+) -> PredictorView:  # fmt: skip
+    """The predictor's copies of ``batch``: one per target rectangle (``enhanced_blocks``), or
+    ``repeats`` token-dropped copies (featurenorm: ``round(capacity * windows)`` of each row's
+    consecutive ``window**2``-token windows, all-padding windows drawn last; context first, then
+    targets, as ``token_drop.sample_units``), or the batch itself."""
+    valid = batch.tgt_gsample != PAD
+    dropping = capacity < 1 or repeats > 1
+    if batch.tgt_blocks is not None:
+        if dropping:
+            raise ConfigError(BLOCKS_NO_DROP)
+        m = batch.tgt_blocks.shape[-1]
+        blocks = batch.tgt_blocks.permute(2, 0, 1).reshape(-1, valid.shape[1])
+        return PredictorView(m, None, None, blocks & valid.repeat(m, 1))
+    if not dropping:
+        return PredictorView(1, None, None, valid)
+    draw = (capacity, repeats, replacement, window, generator)
+    ctx_index = _drop_index(batch.ctx_gsample, *draw)
+    tgt_index = _drop_index(batch.tgt_gsample, *draw)
+    tgt_valid = valid.repeat(repeats, 1).gather(1, tgt_index)
+    return PredictorView(repeats, ctx_index, tgt_index, tgt_valid)
+
+
+def _drop_index(gsample, capacity, repeats, replacement, window, generator) -> torch.Tensor:
+    """(repeats * R, k * window**2) sorted token positions of the drawn windows of each row."""
+    rows, length = gsample.shape
+    unit = window * window
+    if length % unit:
+        raise ConfigError(f"model.pred_window={window} needs row budgets that are multiples of "
+                          f"{unit} tokens, got {length}")  # fmt: skip
+    padding = (gsample == PAD).reshape(rows, length // unit, unit).all(-1)
+    units = sample_units(rows, length // unit, capacity, repeats, replacement, generator, padding)
+    return unit_positions(units.to(gsample.device), unit).sort(dim=1).values
+
+
+def _copies(x: torch.Tensor, copies: int, index: Optional[torch.Tensor]) -> torch.Tensor:
+    """(R, L, ...) -> (copies * R, k, ...): repeated, then the ``index`` positions of each row."""
+    x = x.repeat(copies, *[1] * (x.dim() - 1))
+    if index is None:
+        return x
+    return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+
+
+def predict_batch(predictor, ctx: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """``predict_packed`` on ``batch.view`` (default: the rows themselves): encoded context
+    (R, Lc, D) -> predictions (C*R, kt, D); target tokens a copy does not predict are padding."""
+    v = batch.view or predictor_view(batch)
+    c = v.copies
+    ctx_ids, ctx_gs = (_copies(t, c, v.ctx_index) for t in (batch.ctx_ids, batch.ctx_gsample))
+    tgt_ids, tgt_gs = (_copies(t, c, v.tgt_index) for t in (batch.tgt_ids, batch.tgt_gsample))
+    tgt_ids = tgt_ids.clone()
+    tgt_ids[..., 0] = tgt_ids[..., 0].masked_fill(~v.tgt_valid, PAD)
+    return predict_packed(predictor, _copies(ctx, c, v.ctx_index), ctx_ids, ctx_gs, tgt_ids,
+                          tgt_gs.masked_fill(~v.tgt_valid, PAD), batch.grids)  # fmt: skip
+
+
+def view_targets(target: torch.Tensor, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, Lt, D) targets -> the (C*R, kt, D) targets of ``batch.view``'s copies and their
+    (C*R, kt) image index, PAD where a copy predicts nothing (for ``packed_loss``)."""
+    v = batch.view or predictor_view(batch)
+    gsample = _copies(batch.tgt_gsample, v.copies, v.tgt_index).masked_fill(~v.tgt_valid, PAD)
+    return _copies(target, v.copies, v.tgt_index), gsample

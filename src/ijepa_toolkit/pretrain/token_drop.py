@@ -69,6 +69,12 @@ def sample_units(
     return torch.cat([order[:, j * k : (j + 1) * k] for j in range(repeats)], dim=0)
 
 
+def unit_positions(units: torch.Tensor, unit: int) -> torch.Tensor:
+    """(N, k) unit indices -> (N, k * unit) the positions of their tokens (``unit`` each)."""
+    pos = units[..., None] * unit + torch.arange(unit, device=units.device)
+    return pos.reshape(len(units), -1)
+
+
 def window_order(mask: torch.Tensor, grid_w: int, window: int) -> torch.Tensor:
     """(B, K) permutation putting each row of patch indices in window-major order (the ``window
     x window`` windows one after another). Raises ``ConfigError`` unless every window is whole."""
@@ -93,8 +99,7 @@ def subset_positions(
     unit = window * window
     perm = window_order(mask, grid_w, window) if window > 1 else None
     units = sample_units(b, n // unit, capacity, repeats, replacement, generator)
-    pos = units.to(mask.device)[..., None] * unit + torch.arange(unit, device=mask.device)
-    pos = pos.reshape(len(units), -1)
+    pos = unit_positions(units.to(mask.device), unit)
     if perm is not None:
         pos = perm.repeat(repeats, 1).gather(1, pos)
     return pos.sort(dim=1).values

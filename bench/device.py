@@ -49,7 +49,7 @@ from ijepa_toolkit.models.heads import pooled_features
 from ijepa_toolkit.models.vit import EncoderArch, create_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for pretrain_step.py
-from pretrain_step import RefStep, make_trainer  # noqa: E402
+from pretrain_step import RefStep, make_trainer, official_modules  # noqa: E402
 
 # Dense (no sparsity) peak TFLOP/s, (bf16 tensor core, fp32 non-tensor), from NVIDIA's data
 # sheets: H200 (SXM) 989 / 67 and H200 NVL 835 / 60 (nvidia.com/en-us/data-center/h200, "with
@@ -256,32 +256,6 @@ def bench_finetune(size: Size, device: torch.device) -> dict:
     out = rates(n, s, b, flops * b, peak_flops(device, device.type == "cuda"))
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {**out, "batch": b, "grad_checkpointing": True, "peak_memory_bytes": peak}
-
-
-def official_modules(src: Path, trainer, device: torch.device) -> tuple:
-    """The official code's encoder, target encoder and predictor, same sizes as the trainer's."""
-    sys.path.insert(0, str(src))
-    from src.models import vision_transformer as vit  # the official checkout, bench-only
-
-    a = trainer.encoder.arch
-
-    def make() -> torch.nn.Module:
-        return vit.VisionTransformer(
-            img_size=[a.img_size], patch_size=a.patch_size, embed_dim=a.embed_dim, depth=a.depth,
-            num_heads=a.num_heads, mlp_ratio=a.mlp_ratio, qkv_bias=True,
-            norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
-        )  # fmt: skip
-
-    encoder, target = make(), make()
-    target.load_state_dict(encoder.state_dict())
-    m = trainer.cfg.model
-    predictor = vit.vit_predictor(
-        num_patches=encoder.patch_embed.num_patches, embed_dim=a.embed_dim,
-        predictor_embed_dim=m.pred_emb_dim, depth=m.pred_depth, num_heads=a.num_heads,
-    )  # fmt: skip
-    for p in target.parameters():
-        p.requires_grad = False
-    return encoder.to(device), target.to(device), predictor.to(device)
 
 
 def bench_pretrain(size: Size, device: torch.device, official_src: Optional[Path]) -> dict:

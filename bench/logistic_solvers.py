@@ -19,14 +19,19 @@ import argparse
 import os
 import platform
 import resource
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ijepa_toolkit.eval import logistic as lg
 from ijepa_toolkit.eval.softmax_lbfgs import convergence_of, fit_softmax_lbfgs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for contenders.py
+from contenders import Row, missing  # noqa: E402
 
 
 def clustered(n: int, dim: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -76,17 +81,57 @@ def sklearn_fit(iters: int):
     return fit
 
 
-def budget_runs(name, make, budgets, x, y, lambd, cap_s) -> list[tuple[int, float, float]]:
-    """[(budget, objective, seconds)] of fresh fits with growing budgets, until ``cap_s``."""
+def budget_runs(
+    name, make, budgets, x, y, lambd, cap_s, goal: float = 0.0
+) -> list[tuple[int, float, float]]:
+    """[(budget, objective, seconds)] of fresh fits with growing budgets, until ``cap_s`` seconds
+    are spent or the objective is at most ``goal``."""
     out, spent = [], 0.0
     for b in budgets:
         f, wall, ratio = timed(make(b), x, y, lambd)
         out.append((b, f, wall))
         spent += wall
         print(f"  {name} budget {b}: objective {f:.6g} in {wall:.1f} s (CPU/wall {ratio:.2f})")
-        if spent > cap_s:
+        if spent > cap_s or f <= goal:
             break
     return out
+
+
+def compare(n: int = 5000, dim: int = 512, classes: int = 200, lambd: float = 0.00025,
+            rel: float = 1e-4, cap_s: float = 120.0) -> list[Row]:  # fmt: skip
+    """Rows of the toolkit's ``torch_lbfgs`` vs scikit-learn's lbfgs (and cyanure, if installed):
+    seconds to an objective within ``rel`` of the best any of them found."""
+    x, y = clustered(n, dim, classes)
+    bench = f"logistic {n}x{dim}, {classes} classes, lambd {lambd:g}"
+    fit = lambda x, y, lambd: fit_softmax_lbfgs(x, y, lambd)  # noqa: E731
+    f_ours, t_ours, _ = timed(fit, x, y, lambd)
+    goal = f_ours * (1 + rel)  # each contender stops once it is as good as the toolkit
+    runs = {"sklearn lbfgs": budget_runs("sklearn", sklearn_fit, [25, 50, 100, 200, 400, 800],
+                                         x, y, lambd, cap_s, goal)}  # fmt: skip
+    reason = missing("cyanure")
+    if not reason:
+        runs["cyanure"] = budget_runs("cyanure", cyanure_fit, [10, 30, 100, 300], x, y, lambd,
+                                      cap_s, goal)  # fmt: skip
+    best = min([f_ours] + [f for r in runs.values() for _, f, _ in r])
+    target = best * (1 + rel)
+    rows = [Row(bench, "cyanure", skipped=reason)] if reason else []
+    if f_ours > target:
+        t_ours = float("nan")  # (the row says the toolkit missed the target)
+    for name, r in runs.items():
+        hit = next((t for _, f, t in r if f <= target), None)
+        if hit is None:
+            rows.append(
+                Row(
+                    bench,
+                    name,
+                    skipped=f"objective {r[-1][1]:.6g} after "
+                    f"{sum(t for *_, t in r):.0f} s, not within {rel:g} of {best:.8g}",
+                )
+            )
+        else:
+            rows.append(Row(bench, name, "s", t_ours, hit,
+                            note=f"objective within {rel:g} of {best:.8g}"))  # fmt: skip
+    return rows
 
 
 def diagnose(x, y, lambd, epochs: int) -> None:

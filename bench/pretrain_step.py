@@ -1,23 +1,30 @@
-"""Iterations/s of one I-JEPA pretraining step: this toolkit vs an official-style reference.
+"""Seconds per I-JEPA pretraining step: the toolkit's ``Pretrainer.train_step`` against the
+official code's own step, and against an official-style re-implementation (bench/reference.py).
 
-The reference is written the way the official code is: manual attention (``q @ k^T``, softmax),
-per-mask Python loops in the encoder, the predictor and ``apply_masks``, and a per-parameter
-Python loop for the EMA update. Both start from the same weights and masks; the first step's
-losses are printed so the two can be seen to compute the same thing. The two steps are timed
-alternately in one run, which prints both rates and their ratio.
+The official step is facebookresearch/ijepa's: its ``VisionTransformer`` / predictor modules and
+its ``train_step`` body (``RefStep``: target forward + layer norm + ``apply_masks``, context
+forward, smooth-L1, AdamW with its parameter groups, the per-parameter EMA loop), imported from a
+checkout outside the project (``--official-src DIR``, the folder holding ``src/``, or the
+``IJEPA_OFFICIAL_SRC`` variable; skipped with a line saying so when neither is given). All
+steps start from the toolkit's weights and use the same masks (one draw of the toolkit's sampler,
+the official layout) and images; the first 3 steps' losses are printed for each, then the
+steps are timed in turn (median wall and CPU seconds).
 
-    python bench/pretrain_step.py [--model vit_tiny] [--batch 8] [--iters 10] [--threads 1]
+    python bench/pretrain_step.py [--model vit_tiny] [--batch 8] [--rounds 10] [--threads 1]
+        [--official-src /path/to/ijepa] [--reference]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +37,7 @@ from ijepa_toolkit.engine.utils import autocast
 from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for reference.py
+from contenders import Row, machine  # noqa: E402
 from reference import (  # noqa: E402
     RefEncoder,
     RefPredictor,
@@ -37,16 +45,17 @@ from reference import (  # noqa: E402
     ref_repeat_interleave_batch,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 # -- official-style training step (models in bench/reference.py) ------------------------------
 class RefStep:
     """The official ``train_step`` (fp32 on the CPU): schedules, forward, AdamW, EMA loop."""
 
-    def __init__(self, trainer: Pretrainer, modules: Optional[tuple] = None):
+    def __init__(self, trainer: Pretrainer, modules: Optional[tuple] = None,
+                 helpers: tuple = (ref_apply_masks, ref_repeat_interleave_batch)):  # fmt: skip
         """``modules``: the (encoder, target, predictor) to step (e.g. the official code's own);
-        default: official-style copies of the trainer's. bf16 autocast as the trainer's config."""
+        default: official-style copies of the trainer's. ``helpers``: the ``apply_masks`` and
+        ``repeat_interleave_batch`` to use. bf16 autocast as the trainer's config."""
+        self.apply_masks, self.repeat_interleave_batch = helpers
         self.encoder, self.target, self.predictor = modules or (
             RefEncoder.copy_of(trainer.encoder), RefEncoder.copy_of(trainer.target_encoder),
             RefPredictor.copy_of(trainer.predictor),
@@ -75,8 +84,8 @@ class RefStep:
             with torch.no_grad():
                 h = self.target(imgs)
                 h = F.layer_norm(h, (h.size(-1),))
-                h = ref_apply_masks(h, masks_pred)
-                h = ref_repeat_interleave_batch(h, len(imgs), repeat=len(masks_enc))
+                h = self.apply_masks(h, masks_pred)
+                h = self.repeat_interleave_batch(h, len(imgs), repeat=len(masks_enc))
             z = self.predictor(self.encoder(imgs, masks_enc), masks_enc, masks_pred)
             loss = F.smooth_l1_loss(z, h)
         loss.backward()
@@ -117,51 +126,152 @@ def make_trainer(
     return Pretrainer(cfg, DistInfo(device=device or torch.device("cpu")))
 
 
-def interleaved_rates(fn_a, fn_b, iters: int) -> tuple[float, float]:
-    """Iterations/s of two step functions timed alternately (after one warm-up step each), so
-    both see the same background load."""
-    fn_a(), fn_b()
-    spent = [0.0, 0.0]
-    for _ in range(iters):
-        for i, fn in enumerate((fn_a, fn_b)):
-            start = time.perf_counter()
+def official_src(given: Optional[Path]) -> Optional[Path]:
+    """``given``, else ``$IJEPA_OFFICIAL_SRC``, else None; a folder without ``src/models`` is an
+    error naming what was expected."""
+    src = given or (Path(os.environ["IJEPA_OFFICIAL_SRC"]) if os.environ.get("IJEPA_OFFICIAL_SRC")
+                    else None)  # fmt: skip
+    if src is not None and not (src / "src" / "models").is_dir():
+        raise SystemExit(f"official source {src}: no src/models/ there (expected a checkout of "
+                         "facebookresearch/ijepa, the folder holding src/)")  # fmt: skip
+    return src
+
+
+def official_step(src: Path, trainer: Pretrainer) -> RefStep:
+    """The official step: its modules (``official_modules``) and its mask helpers."""
+    modules = official_modules(src, trainer, trainer.device)
+    from src.masks.utils import apply_masks  # the official checkout, bench-only
+    from src.utils.tensors import repeat_interleave_batch
+
+    return RefStep(trainer, modules, (apply_masks, repeat_interleave_batch))
+
+
+def official_modules(src: Path, trainer: Pretrainer, device: torch.device) -> tuple:
+    """The official code's (encoder, target encoder, predictor), the trainer's sizes and weights."""
+    if str(src) not in sys.path:
+        sys.path.insert(0, str(src))
+    from src.models import vision_transformer as vit  # the official checkout, bench-only
+
+    a, m = trainer.encoder.arch, trainer.cfg.model
+
+    def make() -> torch.nn.Module:
+        return vit.VisionTransformer(
+            img_size=[a.img_size], patch_size=a.patch_size, embed_dim=a.embed_dim, depth=a.depth,
+            num_heads=a.num_heads, mlp_ratio=a.mlp_ratio, qkv_bias=True,
+            norm_layer=lambda d: torch.nn.LayerNorm(d, eps=1e-6),
+        )  # fmt: skip
+
+    encoder, target = make(), make()
+    predictor = vit.vit_predictor(
+        num_patches=encoder.patch_embed.num_patches, embed_dim=a.embed_dim,
+        predictor_embed_dim=m.pred_emb_dim, depth=m.pred_depth, num_heads=a.num_heads,
+    )  # fmt: skip
+    for ours, theirs in ((trainer.encoder, encoder), (trainer.target_encoder, target),
+                         (trainer.predictor, predictor)):  # fmt: skip
+        theirs.load_state_dict(ours.state_dict())
+    return encoder.to(device), target.to(device), predictor.to(device)
+
+
+def timed_in_turn(fns: dict[str, Callable[[], object]], rounds: int) -> dict:
+    """{name: (median wall s, median CPU s)} of each step, the steps timed in turn."""
+    wall: dict = {k: [] for k in fns}
+    cpu: dict = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            w, c = time.perf_counter(), time.process_time()
             fn()
-            spent[i] += time.perf_counter() - start
-    return iters / spent[0], iters / spent[1]
+            cpu[name].append(time.process_time() - c)
+            wall[name].append(time.perf_counter() - w)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
 
 
-def main() -> None:
+def compare(
+    model: str = "vit_tiny",
+    batch: int = 8,
+    rounds: int = 10,
+    src: Optional[Path] = None,
+    reference: bool = False,
+    size: int = 224,
+    extra: Sequence[str] = (),
+) -> list[Row]:
+    """Rows of the toolkit's step vs the official step (and the re-implementation); prints the
+    first 3 losses of each. Raises AssertionError when a contender's losses differ."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(model, batch, Path(tmp), size, extra)
+        trainer.log.close()
+    groups = trainer.sample_masks(batch)
+    trainer.sample_masks = lambda n: groups  # the same masks for every step
+    ((_, masks_enc, masks_pred),) = groups
+    contenders = {}
+    if src is not None:
+        contenders["official code's step"] = official_step(src, trainer)
+    if reference:
+        contenders["official-style re-implementation"] = RefStep(trainer)
+    torch.manual_seed(0)
+    imgs = torch.randn(batch, 3, size, size)
+    fns = {"toolkit": lambda: trainer.train_step(imgs)["loss"]}
+    fns.update({k: (lambda s=s: s(imgs, masks_enc, masks_pred)) for k, s in contenders.items()})
+    losses = {k: [fn() for _ in range(3)] for k, fn in fns.items()}
+    for k, v in losses.items():
+        print(f"  {k} losses, steps 1-3: " + " ".join(f"{x:.9f}" for x in v))
+        assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(v, losses["toolkit"])), k
+    times = timed_in_turn(fns, rounds)
+    a = trainer.encoder.arch
+    bench = (
+        f"pretrain step {model}/{a.patch_size} at {size} (width {a.embed_dim}), batch {batch}, "
+        f"context {masks_enc[0].shape[1]} / target 4x{masks_pred[0].shape[1]} patches"
+    )
+    rows = (
+        []
+        if src is not None
+        else [
+            Row(
+                bench,
+                "official code's step",
+                skipped=(
+                    "no --official-src DIR or IJEPA_OFFICIAL_SRC (a checkout of "
+                    "facebookresearch/ijepa)"
+                ),
+            )
+        ]
+    )
+    for k in contenders:
+        same = "equal" if losses[k] == losses["toolkit"] else "equal to 1e-5"
+        rows.append(
+            Row(
+                bench,
+                k,
+                "s/step",
+                times["toolkit"][0],
+                times[k][0],
+                note=(
+                    f"CPU s/step {times['toolkit'][1]:.3f} vs {times[k][1]:.3f} "
+                    f"({times[k][1] / times['toolkit'][1]:.2f}x); losses of 3 steps {same}"
+                ),
+            )
+        )
+    return rows
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_tiny")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--official-src", type=Path, default=None)
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="also time the official-style re-implementation (bench/reference.py)",
+    )
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_trainer(args.model, args.batch, Path(tmp))
-        reference = RefStep(trainer)
-        imgs = torch.randn(args.batch, 3, 224, 224)
-        groups = trainer.sample_masks(args.batch)
-        trainer.sample_masks = lambda n: groups  # the same masks for both
-        ((_, masks_enc, masks_pred),) = groups
-        ours_loss = trainer.train_step(imgs)["loss"]
-        ref_loss = reference(imgs, masks_enc, masks_pred)
-        print(f"first-step loss: toolkit {ours_loss:.6f}  reference {ref_loss:.6f}")
-        assert math.isclose(ours_loss, ref_loss, rel_tol=1e-4), "the two steps disagree"
-        ours, ref = interleaved_rates(
-            lambda: trainer.train_step(imgs),
-            lambda: reference(imgs, masks_enc, masks_pred),
-            args.iters,
-        )
-        trainer.log.close()
-    sizes = f"context {masks_enc[0].shape[1]} / target {masks_pred[0].shape[1]} x 4 patches"
-    arch = trainer.encoder.arch
-    print(f"{args.model}/16 (width {arch.embed_dim}, depth {arch.depth}) at 224, batch "
-          f"{args.batch}, {args.threads} threads, {sizes}")  # fmt: skip
-    print(f"toolkit   {ours:.3f} it/s")
-    print(f"reference {ref:.3f} it/s")
-    print(f"ratio     {ours / ref:.2f}x")
+    print(machine())
+    rows = compare(args.model, args.batch, args.rounds, official_src(args.official_src),
+                   args.reference)  # fmt: skip
+    for row in rows:
+        print(row.line())
 
 
 if __name__ == "__main__":

@@ -10,13 +10,16 @@ import argparse
 import json
 import logging
 import sys
+import typing
 from typing import Callable, Optional, Sequence
 
+from .config import EncoderSection
 from .errors import UserError
 from .export import EXPORT_FORMATS, export_encoder
-from .formats import DESCRIPTIONS
-from .formats.canonical import SUBMODELS
-from .loader import inspect_checkpoint
+
+# the sub-models of an I-JEPA checkpoint (formats.canonical.SUBMODELS) as the config spells them;
+# the loading stack (torch, timm) is imported only when a command runs
+SUBMODELS = typing.get_args(typing.get_type_hints(EncoderSection)["which"])
 
 
 def _run(action: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
@@ -131,6 +134,8 @@ def _format_arch(arch) -> str:
 
 def format_summary(info: dict) -> str:
     """The human-readable ``ijepa-inspect`` text for an ``inspect_checkpoint`` result."""
+    from .formats import DESCRIPTIONS
+
     fmt = info["format"]
     lines = [
         info["path"],
@@ -154,6 +159,8 @@ def format_summary(info: dict) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> None:
+    from .loader import inspect_checkpoint
+
     info = inspect_checkpoint(args.checkpoint)
     if args.json:
         print(json.dumps(info, indent=2, default=str))

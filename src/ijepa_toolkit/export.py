@@ -13,18 +13,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .errors import CheckpointError, UserError
-from .formats import contents_of, hf, locate
-from .formats.canonical import SINGLE
 from .io.atomic import atomic_write, write_json
-from .io.read import PathLike, read_raw
-from .io.save import record_sha256, sidecar
-from .loader import load_encoder_and_source
-from .models.heads import HEAD_BN_EPS
-from .models.vit import EncoderArch
+
+if TYPE_CHECKING:  # the loading stack (torch, timm) is imported when an export runs
+    from .io.read import PathLike
+    from .models.vit import EncoderArch
 
 EXPORT_FORMATS = ("timm", "hf")
 # Timm model names whose defaults match the official I-JEPA releases.
@@ -78,6 +75,9 @@ def export_encoder(
     """
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"export format {fmt!r}; expected one of {EXPORT_FORMATS}")
+    from .io.save import record_sha256, sidecar
+    from .loader import load_encoder_and_source
+
     out = Path(out)
     if fmt == "timm" and out.suffix == ".json":
         raise UserError(f"{out}: the weights file needs a suffix other than .json (the spec's)")
@@ -114,6 +114,8 @@ def _write_hf(
     arch: EncoderArch, variant: Optional[dict], tensors: dict, out: Path, metadata: dict
 ) -> dict:
     """``config.json`` + ``model.safetensors`` of the equivalent ``IJepaModel`` in ``out``."""
+    from .formats import hf
+
     if variant is not None or "dyntanh" in (arch.norm, arch.block_norm):
         raise UserError("only plain ViT encoders (LayerNorm, a position table) have an IJepaModel")
     if out.exists() and not out.is_dir():
@@ -132,6 +134,11 @@ def _has_head(ignored: list) -> bool:
 def _classifier_head(path: PathLike, width: int) -> dict:
     """timm's ``head.{weight,bias}`` from a finetuned classifier's ``head.linear`` (a
     ``BatchNorm1d(affine=False)`` before it folded in); ``UserError`` for a concat4 head."""
+    from .formats import contents_of, locate
+    from .formats.canonical import SINGLE
+    from .io.read import read_raw
+    from .models.heads import HEAD_BN_EPS
+
     model = contents_of(read_raw(locate(path))).encoders.get(SINGLE, {})
     weight, bias = model["head.linear.weight"].double(), model["head.linear.bias"].double()
     if weight.shape[1] != width:

@@ -9,19 +9,17 @@ heat map next to the image.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from .build import build_encoder
 from .config import (
     EncoderSection,
     LoggingSection,
@@ -29,17 +27,16 @@ from .config import (
     config_parser,
     parse_config,
 )
-from .data.folder import SafeImageFolder
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, transform_checks
 from .engine.distributed import resolve_device
 from .engine.logger import setup_console_logging
 from .errors import ConfigError, UserError
 from .eval.depth import colourise
-from .loader import load_encoder, load_predictor
-from .masks.block import place_block
-from .models.vit import apply_masks, encode_masked
 from .plots import image_figure, loss_curve
 from .runs import run_main
+
+if TYPE_CHECKING:  # torch and the model code are imported when a command starts
+    import torch
 
 logger = logging.getLogger("ijepa_toolkit")
 GAP = 2  # white pixels between panels
@@ -85,6 +82,10 @@ class VizConfig:
 
 def load_images(data: VizDataSection) -> torch.Tensor:
     """(B, 3, S, S) normalised images: ``count`` of the folder, evenly spaced over its classes."""
+    import torch
+
+    from .data.folder import SafeImageFolder
+
     tf = eval_transform(data.img_size, data.crop_ratio)
     ds = SafeImageFolder(data.val_folder, transform=tf)
     picks = np.unique(np.linspace(0, len(ds) - 1, max(data.count, 1)).round().astype(int))
@@ -99,6 +100,8 @@ def load_images(data: VizDataSection) -> torch.Tensor:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, S, S) ImageNet-normalised -> (B, S, S, 3) uint8, what the model saw."""
+    import torch
+
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     rgb = (images.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1)
@@ -133,6 +136,7 @@ def panel_size(img_size: int) -> int:
 def compose(rows: Sequence[Sequence[np.ndarray]]) -> Image.Image:
     """Rows of equal (P, P, 3) uint8 panels, ``GAP`` white pixels between them (a short row is
     filled with white): ``torchvision.utils.make_grid`` without its outer border."""
+    import torch
     from torchvision.utils import make_grid
 
     cols = max(len(r) for r in rows)
@@ -150,15 +154,17 @@ def grid_of(encoder: torch.nn.Module, img_size: int) -> tuple[int, int]:
     return img_size // patch[0], img_size // patch[1]
 
 
-@torch.no_grad()
 def pca_panels(encoder: torch.nn.Module, images: torch.Tensor) -> list[list[np.ndarray]]:
     """Per image: [image, PCA of its patch tokens], both (P, P, 3) uint8."""
-    h, w = grid_of(encoder, images.shape[-1])
-    tokens = encoder.forward_features(images)[:, encoder.num_prefix_tokens :]  # (B, N, D)
-    b, n, d = tokens.shape
-    colours = pca_rgb(tokens.reshape(b * n, d).float().cpu().numpy()).reshape(b, h, w, 3)
-    size = panel_size(images.shape[-1])
-    return [[upscale(img, size), upscale(c, size)] for img, c in zip(to_uint8(images), colours)]
+    import torch
+
+    with torch.no_grad():
+        h, w = grid_of(encoder, images.shape[-1])
+        tokens = encoder.forward_features(images)[:, encoder.num_prefix_tokens :]  # (B, N, D)
+        b, n, d = tokens.shape
+        colours = pca_rgb(tokens.reshape(b * n, d).float().cpu().numpy()).reshape(b, h, w, 3)
+        size = panel_size(images.shape[-1])
+        return [[upscale(img, size), upscale(c, size)] for img, c in zip(to_uint8(images), colours)]
 
 
 def sample_block(
@@ -168,6 +174,10 @@ def sample_block(
 
     Returns (Kt,) target and (Kc,) context indices, row-major, both non-empty.
     """
+    import torch
+
+    from .masks.block import place_block
+
     h, w = grid
     if h * w < 2:
         raise ValueError(f"a {h}x{w} patch grid has no room for both a target and a context")
@@ -181,6 +191,8 @@ def sample_block(
 
 def maskings(grid: tuple[int, int], b: int, cfg: LossesSection, seed: int):
     """``cfg.maskings`` draws of ``(context (B, Kc), [targets (B, Kt), ...])`` index tensors."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     if cfg.masking == "block":
         for _ in range(cfg.maskings):
@@ -200,7 +212,6 @@ def maskings(grid: tuple[int, int], b: int, cfg: LossesSection, seed: int):
         yield enc[0], pred
 
 
-@torch.no_grad()
 def patch_losses(
     context_encoder: torch.nn.Module,
     target_encoder: torch.nn.Module,
@@ -215,20 +226,26 @@ def patch_losses(
     averaged over the feature dimension. Returns (B, h, w) mean losses (NaN where a patch was never
     a target) and (B, h, w) counts of the target blocks that covered each patch.
     """
-    grid = grid_of(target_encoder, images.shape[-1])
-    b, n = images.shape[0], grid[0] * grid[1]
-    h = target_encoder.forward_features(images)[:, target_encoder.num_prefix_tokens :]
-    h = F.layer_norm(h, (h.shape[-1],))
-    sums, counts = torch.zeros(b, n), torch.zeros(b, n)
-    for ctx, targets in maskings(grid, b, cfg, seed):
-        z = encode_masked(context_encoder, images, ctx)
-        for tgt in targets:
-            pred = predictor(z, ctx, tgt)  # (B, Kt, D)
-            loss = F.smooth_l1_loss(pred, apply_masks(h, tgt), reduction="none").mean(-1)
-            sums.scatter_add_(1, tgt.cpu(), loss.float().cpu())
-            counts.scatter_add_(1, tgt.cpu(), torch.ones(tgt.shape))
-    mean = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, math.nan))
-    return mean.view(b, *grid), counts.view(b, *grid)
+    import torch
+    import torch.nn.functional as F
+
+    from .models.vit import apply_masks, encode_masked
+
+    with torch.no_grad():
+        grid = grid_of(target_encoder, images.shape[-1])
+        b, n = images.shape[0], grid[0] * grid[1]
+        h = target_encoder.forward_features(images)[:, target_encoder.num_prefix_tokens :]
+        h = F.layer_norm(h, (h.shape[-1],))
+        sums, counts = torch.zeros(b, n), torch.zeros(b, n)
+        for ctx, targets in maskings(grid, b, cfg, seed):
+            z = encode_masked(context_encoder, images, ctx)
+            for tgt in targets:
+                pred = predictor(z, ctx, tgt)  # (B, Kt, D)
+                loss = F.smooth_l1_loss(pred, apply_masks(h, tgt), reduction="none").mean(-1)
+                sums.scatter_add_(1, tgt.cpu(), loss.float().cpu())
+                counts.scatter_add_(1, tgt.cpu(), torch.ones(tgt.shape))
+        mean = torch.where(counts > 0, sums / counts.clamp_min(1), torch.full_like(sums, math.nan))
+        return mean.view(b, *grid), counts.view(b, *grid)
 
 
 def loss_panels(losses: torch.Tensor, images: torch.Tensor) -> list[list[np.ndarray]]:
@@ -254,6 +271,8 @@ def _setup(argv: Optional[Sequence[str]], what: str) -> tuple[VizConfig, torch.d
 def pca(argv: Optional[Sequence[str]] = None) -> Path:
     """``visualize.py pca``: writes ``<logging.folder>/pca.png`` (the panels with a title and
     a caption) and ``pca_grid.png`` (the panels alone, pixel for pixel); returns the first."""
+    from .build import build_encoder
+
     cfg, device, out = _setup(argv, "PCA of patch features (3 components as RGB) next to images")
     encoder = build_encoder(cfg.model).to(device)
     images = load_images(cfg.data).to(device)
@@ -272,6 +291,10 @@ def pca(argv: Optional[Sequence[str]] = None) -> Path:
 def losses(argv: Optional[Sequence[str]] = None) -> Path:
     """``visualize.py losses``: writes ``<logging.folder>/losses.png`` (the panels with a title and
     a caption) and ``losses_grid.png`` (the panels alone, pixel for pixel); returns the first."""
+    import torch
+
+    from .loader import load_encoder, load_predictor
+
     cfg, device, out = _setup(argv, "Per-patch I-JEPA prediction loss over random maskings")
     m = cfg.model
     if not m.checkpoint:
@@ -298,6 +321,9 @@ def losses(argv: Optional[Sequence[str]] = None) -> Path:
 
 def masks(argv: Optional[Sequence[str]] = None) -> list[Path]:
     """``visualize.py masks --fname pretrain/X``: one PNG per mask-sampler step."""
+    import torch
+
+    from .data.folder import SafeImageFolder
     from .masks.multiblock import MultiBlockMaskSampler
     from .masks.render import CAPTION, legend, render_masks
     from .pretrain.data import resolve_folders
@@ -336,8 +362,6 @@ def masks(argv: Optional[Sequence[str]] = None) -> list[Path]:
 
 def curve(argv: Optional[Sequence[str]] = None) -> Path:
     """``visualize.py curve LOG.jsonl KEY OUT.png``: a metric of a run's log over its rows."""
-    import argparse
-
     from .engine.logger import read_jsonl
 
     parser = argparse.ArgumentParser(description="plot one metric of a log.jsonl")
@@ -357,17 +381,38 @@ def curve(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 COMMANDS = {"masks": masks, "pca": pca, "losses": losses, "curve": curve}
+COMMAND_HELP = {
+    "masks": "--fname pretrain/X: PNGs of the masks the config's sampler draws, per step",
+    "pca": "<logging.folder>/pca.png: patch features' first 3 principal components as RGB",
+    "losses": "<logging.folder>/losses.png: per-patch prediction loss (model.checkpoint)",
+    "curve": "LOG.jsonl KEY OUT.png: one metric of a run's log over its rows",
+}
+
+
+def command_parser() -> argparse.ArgumentParser:
+    """The parser of the command word alone (each command parses its own options)."""
+    listing = "\n".join(f"  {name:8s}{text}" for name, text in COMMAND_HELP.items())
+    parser = argparse.ArgumentParser(
+        prog="visualize.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pictures for checking the toolkit by eye.",
+        epilog=f"commands:\n{listing}\n\n'visualize.py COMMAND --help' lists its options.",
+    )  # fmt: skip
+    parser.add_argument("command", choices=list(COMMANDS), help="what to draw")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's options")
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``visualize.py {masks,pca,losses,curve} [--fname cfg.yaml] [key=value ...]``; returns the
-    exit status (``runs.run_main``: bad input 2)."""
+    exit status (``runs.run_main``: bad input 2; ``--help``: 0)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: visualize.py {{{','.join(COMMANDS)}}} [--fname CFG] [key=value ...]",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    return run_main(lambda: COMMANDS[argv[0]](argv[1:]))
+    if argv and argv[0] in COMMANDS:
+        return run_main(lambda: COMMANDS[argv[0]](argv[1:]))
+    try:  # no command: --help answers (exit 0), anything else is a usage error (exit 2)
+        command_parser().parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 2
 
 
 if __name__ == "__main__":

@@ -136,12 +136,8 @@ def test_pretraining_killed_at_a_random_step_resumes_with_an_exact_log(tmp_path)
     log = killed / "log.jsonl"
     kill_after_rows([*cmd, f"logging.folder={killed}"], log, random.randint(2, total - 2))
     before = log.read_bytes()
-    subprocess.run(
-        [*cmd, f"logging.folder={killed}", "--resume"],
-        env=env(),
-        check=True,
-        timeout=TIMEOUT,
-        capture_output=True,
-    )  # fmt: skip
+    resumed = subprocess.run([*cmd, f"logging.folder={killed}", "--resume"], env=env(),
+                             timeout=TIMEOUT, capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert log.read_bytes().startswith(before), "the log was truncated"
     assert_resumed_run_equals_straight(straight, killed, "encoder", timings=("epoch_seconds",))

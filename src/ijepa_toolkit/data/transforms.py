@@ -3,9 +3,7 @@ normalize."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
-from torchvision import transforms
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import UserError
 
@@ -14,6 +12,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # crop_ratio = img_size / resize: 0.875 (224/256) and 1.0 are the published ones; below 0.5 the
 # resize grows past twice the crop (img_size 4096 at 0.01: a 409,600 px short side)
 MIN_CROP_RATIO = 0.5
+
+if TYPE_CHECKING:
+    from torchvision import transforms
 
 
 def transform_checks(img_size: int, crop_ratio: float) -> list[tuple[str, Any, bool, str]]:
@@ -39,6 +40,8 @@ def eval_transform(
     Output: a (3, img_size, img_size) float tensor, ImageNet-normalized by default. A value out
     of ``transform_checks``'s bounds is a ``UserError``.
     """
+    from torchvision import transforms
+
     for key, value, ok, expected in transform_checks(img_size, crop_ratio):
         if not ok:
             raise UserError(f"eval transform: {key} must be {expected}, got {value!r}")

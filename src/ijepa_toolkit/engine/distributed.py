@@ -1,15 +1,20 @@
-"""torch.distributed setup from the torchrun environment; a single process needs none of it."""
+"""torch.distributed setup from the torchrun environment; a single process needs none of it.
+
+torch is imported inside the functions (importing this module does not import it)."""
 
 from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
+from types import ModuleType
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -17,7 +22,13 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: Optional[torch.device] = None  # None: the CPU
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            import torch
+
+            self.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
@@ -31,6 +42,8 @@ class DistInfo:
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """``meta.device``: ``auto`` picks CUDA when available, else the CPU; ``cuda`` is the local
     rank's GPU, ``cuda:N`` GPU N. Anything else, or a GPU this machine lacks, is a ``UserError``."""
+    import torch
+
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
@@ -52,6 +65,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
 
     NCCL on CUDA, gloo on CPU. Without those variables this is a single process, no group.
     """
+    import torch.distributed as dist
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -65,20 +80,30 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
     return DistInfo(rank, world_size, local_rank, dev)
 
 
+def group() -> Optional[ModuleType]:
+    """``torch.distributed`` when a process group is up, else None. Asking does not import
+    torch: no group can exist before ``torch.distributed`` was imported."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if dist := group():
         dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place); a no-op in a single process."""
-    if dist.is_available() and dist.is_initialized():
+    if dist := group():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate along dim 0 the tensors of all ranks (their first dims may differ)."""
+    import torch
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
         return t
     world = dist.get_world_size()
@@ -94,5 +119,6 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group, if any (a no-op that imports nothing in a single process)."""
+    if dist := group():
         dist.destroy_process_group()

@@ -33,7 +33,6 @@ import numpy as np
 
 from ..errors import CheckpointError, WriteError
 from ..io.atomic import fsync, write_json, write_text
-from ..io.read import file_sha256
 
 logger = logging.getLogger("ijepa_toolkit")
 
@@ -57,6 +56,8 @@ def checkpoint_digest(path: PathLike, cache_dir: PathLike, remember: bool = True
     stamp = f"{path}|{st.st_size}|{st.st_mtime_ns}"
     digest = _read_memo(memo_path).get(stamp)
     if digest is None:
+        from ..io.read import file_sha256  # (io.read imports torch)
+
         digest = file_sha256(path)
         if remember:
             try:  # merge with what other writers added since our read

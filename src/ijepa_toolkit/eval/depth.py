@@ -2,6 +2,8 @@
 
 Every protocol choice (crop, valid range, averaging, flip test-time augmentation, blocks, head,
 loss) is a config key, printed at start and stored under ``settings`` in ``results.json``.
+torch and the model code (the probe module: ``depth_probe.py``) are imported when work starts:
+``--help``, ``--print-config`` and config errors answer without them.
 """
 
 from __future__ import annotations
@@ -11,14 +13,10 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
 import numpy as np
-import torch
-from torch import nn
-from torch.utils.data import DataLoader
 
-from ..build import build_encoder
 from ..config import (
     EncoderSection,
     LoggingSection,
@@ -30,23 +28,20 @@ from ..config import (
     save_config,
     to_dict,
 )
-from ..data.nyu import DepthPairs, build_depth_reader
 from ..engine.distributed import resolve_device
 from ..engine.logger import RunLogger, setup_console_logging
-from ..engine.resume import LAST, load_training_state, save_training_state
-from ..engine.utils import autocast, progress, seed_everything, warmup_cosine
+from ..engine.utils import progress, seed_everything, warmup_cosine
 from ..errors import ConfigError
-from ..models.depth_head import DepthHead, dense_features, resolve_blocks
 from ..run_folder import ALWAYS_ALLOWED, RunFolder, add_run_flags, open_run
 from ..runs import check_finite, run_main, write_results
-from .depth_metrics import (
-    EIGEN_CROP,
-    EIGEN_SIZE,
-    DepthMetricMeter,
-    bts_prediction,
-    crop_box,
-    valid_mask,
-)
+
+if TYPE_CHECKING:  # torch and the model code are imported when work starts
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ..data.nyu import DepthPairs
+    from .depth_metrics import DepthMetricMeter
+    from .depth_probe import DepthProbe
 
 logger = logging.getLogger("ijepa_toolkit")
 # what a --resume may change besides run_folder.ALWAYS_ALLOWED: the pictures of the final test
@@ -130,6 +125,8 @@ def silog_loss(
 
     ``sqrt(mean(d^2) - lam * mean(d)^2)``, ``d = log(pred) - log(gt)``; (B, 1, H, W) inputs.
     """
+    import torch
+
     d = torch.log(pred[mask]) - torch.log(gt[mask])
     return torch.sqrt((d.pow(2).mean() - lam * d.mean().pow(2)).clamp_min(1e-12))
 
@@ -143,6 +140,8 @@ def gradient_loss(
     differences of horizontal and vertical neighbours (both valid) are summed, divided by the
     number of valid pixels at that scale. (B, 1, H, W) inputs.
     """
+    import torch
+
     r = torch.where(mask, torch.log(pred) - torch.log(gt.clamp_min(1e-6)), torch.zeros_like(pred))
     total = pred.new_zeros(())
     for s in range(scales):
@@ -156,34 +155,10 @@ def gradient_loss(
     return total
 
 
-class DepthProbe(nn.Module):
-    """Frozen encoder + depth head; only ``head`` has trainable parameters and is checkpointed."""
-
-    def __init__(self, encoder: nn.Module, cfg: DepthConfig):
-        super().__init__()
-        self.encoder = encoder.eval().requires_grad_(False)
-        p = cfg.probe
-        self.blocks = resolve_blocks(p.features, p.blocks, len(encoder.blocks))
-        self.pooled_token, self.final_norm = p.pooled_token, p.final_norm
-        self.use_bf16 = cfg.meta.use_bfloat16
-        width = len(self.blocks) * encoder.embed_dim * (2 if p.pooled_token else 1)
-        self.head = DepthHead(width, p.head, cfg.data.min_depth, cfg.data.max_depth, p.n_bins,
-                              p.batchnorm, p.upsample)  # fmt: skip
-
-    def train(self, mode: bool = True) -> DepthProbe:
-        super().train(mode)
-        self.encoder.eval()  # frozen: no dropout / drop path, ever
-        return self
-
-    def forward(self, x: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
-        """(B, 3, h, w) normalised images -> (B, 1, *out_size) depth in metres."""
-        with torch.no_grad(), autocast(x.device, self.use_bf16):
-            feats = dense_features(self.encoder, x, self.blocks, self.pooled_token, self.final_norm)
-        return self.head(feats.float(), out_size)
-
-
 def protocol_settings(cfg: DepthConfig, probe: DepthProbe, patch_size: int) -> dict:
     """Every choice that changes the numbers, as stored in ``results.json``."""
+    from .depth_metrics import EIGEN_CROP, EIGEN_SIZE
+
     d, e = cfg.data, cfg.eval
     crop = {
         "eigen": f"rows {EIGEN_CROP[0]}:{EIGEN_CROP[1]}, cols {EIGEN_CROP[2]}:{EIGEN_CROP[3]} "
@@ -238,7 +213,6 @@ def save_panel(path: Path, rgb: np.ndarray, gt: np.ndarray, pred: np.ndarray, va
     depth_figure(rgb, gt, pred, valid, path, title=f"Depth probe: {path.stem}")
 
 
-@torch.no_grad()
 def evaluate(
     probe: DepthProbe,
     loader: DataLoader,
@@ -247,32 +221,37 @@ def evaluate(
     vis_dir: Optional[Path] = None,
 ) -> DepthMetricMeter:
     """Predict each test image (optionally flip-averaged), score it on its valid crop."""
+    import torch
+
+    from .depth_metrics import DepthMetricMeter, bts_prediction, crop_box, valid_mask
+
     probe.eval()
     meter = DepthMetricMeter()
     d, e = cfg.data, cfg.eval
     shown = 0
-    for batch in progress(loader, "depth eval"):
-        x = batch["image"].to(device)
-        gt = batch["depth"].to(device)
-        size = tuple(gt.shape[-2:])
-        pred = probe(x, size)
-        if e.flip_tta:
-            pred = (pred + probe(x.flip(-1), size).flip(-1)) / 2
-        pred, nonfinite = bts_prediction(pred, d.min_depth, d.max_depth, e.clamp)
-        crop = crop_box(e.crop, *size)
-        for i, name in enumerate(batch["name"]):
-            mask = valid_mask(gt[i, 0], d.min_depth, d.max_depth, crop)
-            meter.update(pred[i, 0], gt[i, 0], mask, name, nonfinite[i, 0])
-            if vis_dir is not None and shown < e.visualisations:
-                safe = "".join(c if c.isalnum() else "_" for c in name)[-60:]
-                in_range = valid_mask(gt[i, 0], d.min_depth, d.max_depth).cpu().numpy()
-                rgb, g, p = (
-                    batch["rgb"][i].numpy(),
-                    gt[i, 0].cpu().numpy(),
-                    pred[i, 0].cpu().numpy(),
-                )
-                save_panel(vis_dir / f"{shown:02d}_{safe}.png", rgb, g, p, in_range)
-                shown += 1
+    with torch.no_grad():
+        for batch in progress(loader, "depth eval"):
+            x = batch["image"].to(device)
+            gt = batch["depth"].to(device)
+            size = tuple(gt.shape[-2:])
+            pred = probe(x, size)
+            if e.flip_tta:
+                pred = (pred + probe(x.flip(-1), size).flip(-1)) / 2
+            pred, nonfinite = bts_prediction(pred, d.min_depth, d.max_depth, e.clamp)
+            crop = crop_box(e.crop, *size)
+            for i, name in enumerate(batch["name"]):
+                mask = valid_mask(gt[i, 0], d.min_depth, d.max_depth, crop)
+                meter.update(pred[i, 0], gt[i, 0], mask, name, nonfinite[i, 0])
+                if vis_dir is not None and shown < e.visualisations:
+                    safe = "".join(c if c.isalnum() else "_" for c in name)[-60:]
+                    in_range = valid_mask(gt[i, 0], d.min_depth, d.max_depth).cpu().numpy()
+                    rgb, g, p = (
+                        batch["rgb"][i].numpy(),
+                        gt[i, 0].cpu().numpy(),
+                        pred[i, 0].cpu().numpy(),
+                    )
+                    save_panel(vis_dir / f"{shown:02d}_{safe}.png", rgb, g, p, in_range)
+                    shown += 1
     return meter
 
 
@@ -357,6 +336,11 @@ class DepthData:
 
 def build_data(cfg: DepthConfig, patch: int, device: torch.device) -> DepthData:
     """Train and test pairs of ``data.format`` and their loaders."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ..data.nyu import DepthPairs, build_depth_reader
+
     d, o = cfg.data, cfg.optimization
     train = DepthPairs(
         build_depth_reader(d.format, d.train_folder, "train", d.train_split, d.depth_scale),
@@ -376,6 +360,9 @@ def build_data(cfg: DepthConfig, patch: int, device: torch.device) -> DepthData:
 
 
 def build_probe(cfg: DepthConfig, device: torch.device) -> DepthProbe:
+    from ..build import build_encoder
+    from .depth_probe import DepthProbe
+
     encoder = build_encoder(cfg.model).to(device)
     try:
         return DepthProbe(encoder, cfg).to(device)
@@ -397,6 +384,8 @@ def train_epochs(
     """Epochs ``start_epoch..epochs``: train, evaluate every ``eval.every``, log, checkpoint.
 
     Returns the optimizer step count."""
+    from ..engine.resume import LAST, save_training_state
+
     o, device, out = (
         cfg.optimization,
         next(probe.head.parameters()).device,
@@ -432,6 +421,10 @@ def run(cfg: DepthConfig, resume: bool = False, overwrite: bool = False) -> dict
 
 
 def _run(cfg: DepthConfig, own: RunFolder) -> dict:
+    import torch
+
+    from ..engine.resume import load_training_state
+
     out, o, start = own.path, cfg.optimization, own.start
     setup_console_logging()
     seed_everything(cfg.meta.seed)
@@ -469,6 +462,8 @@ def finish(
     seconds: float,
 ) -> dict:
     """Evaluate on the test split (with visualisations), log, write ``results.json``."""
+    from ..engine.resume import LAST
+
     out = Path(cfg.logging.folder)
     device = next(probe.head.parameters()).device
     meter = evaluate(probe, data.test_loader, cfg, device, vis_dir=out / "visualisations")

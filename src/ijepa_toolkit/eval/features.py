@@ -11,11 +11,15 @@ the dataset listing (class names; relative path, class and content stamp of ever
 and mtime under the resolved folder, or with ``features.hash_images`` a SHA-256 of each file).
 The on-disk layout (entries, per-key lock, chunked resumable partials) is ``eval/cache.py``.
 Under torchrun the ranks of one job split the chunks of one entry between them.
+
+torch, torchvision and the model code are imported when extraction starts, not with this module
+(the protocols' ``--help`` and config checks do not import them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -23,19 +27,32 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Iterable,
+    Iterator,
+    Literal,
+    Optional,
+    Sequence,
+    Union,
+)
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from ..config import EncoderSection
-from ..data.folder import SafeImageFolder, collate_skip_none
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, transform_checks
 from ..engine.distributed import DistInfo, all_reduce_sum, barrier
-from ..engine.utils import autocast, progress
+from ..engine.utils import (
+    amp_dtype,
+    autocast,
+    loader_kwargs,
+    maybe_compile,
+    precision_name,
+    progress,
+)
 from ..errors import ConfigError, UserError
-from ..models.heads import feature_dim, pooled_features
 from .cache import (
     EntryLock,
     PartialEntry,
@@ -43,16 +60,19 @@ from .cache import (
     chunk_bounds,
     chunk_rows,
     discard_entry,
-    file_sha256,
     open_entry,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..data.folder import SafeImageFolder
 
 logger = logging.getLogger("ijepa_toolkit")
 
 LAYERS = {"last": "avg", "concat4": "concat4"}  # layer spec -> models.heads pooling
 FEATURE_CODE_VERSION = 2  # bump when a change to the feature code changes the numbers
 POLL_S = 0.5  # seconds between attempts at another writer's lock
-CPU = torch.device("cpu")
 
 
 @dataclass
@@ -88,6 +108,8 @@ class FeaturesSection:
     cache_dir: str = "cache/features"
     verify: Literal["size", "full"] = "size"  # reuse check: O(1) headers and sizes, or re-hash all
     hash_images: bool = False  # key images by a SHA-256 of their bytes, not their size and mtime
+    compile: bool = False  # torch.compile the extraction forward (part of the cache key)
+    gpu_decode: bool = False  # CUDA only: decode JPEGs + resize on the GPU (data/device_decode.py)
 
 
 @dataclass
@@ -120,6 +142,8 @@ def dataset_listing(dataset: SafeImageFolder, hash_images: bool = False) -> dict
     The stamp is the file's size and mtime (ns), and the resolved folder is part of the listing
     (another folder with the same names and sizes is another listing); with ``hash_images`` it
     is a SHA-256 of the file's bytes and the folder's location does not matter."""
+    from ..io.read import file_sha256
+
     h = hashlib.sha256()
     for path, target in dataset.samples:
         try:
@@ -143,10 +167,22 @@ def _size_mtime(path: str) -> str:
     return f"{st.st_size}\t{st.st_mtime_ns}"
 
 
+def device_decode_dataset(dataset: SafeImageFolder, data: EvalDataSection) -> Any:
+    """``dataset``'s images as encoded bytes, decoded and transformed on the device that
+    extracts (``features.gpu_decode``, ``data/device_decode.py``)."""
+    from ..data.device_decode import DeviceTransform, JpegFolder
+
+    tf = DeviceTransform(data.img_size, data.crop_ratio, tuple(data.mean), tuple(data.std),
+                         data.interpolation)  # fmt: skip
+    return JpegFolder(dataset, tf)
+
+
 def build_eval_dataset(
     folder: str, data: EvalDataSection, indices: Optional[Sequence[int]] = None
 ) -> SafeImageFolder:
     """A ``SafeImageFolder`` with the evaluation transform, optionally restricted to ``indices``."""
+    from ..data.folder import SafeImageFolder
+
     if not folder:
         raise ConfigError("image folder not set: give data.train_folder and data.val_folder")
     tf = eval_transform(data.img_size, data.crop_ratio, data.mean, data.std, data.interpolation)
@@ -158,12 +194,6 @@ def build_eval_dataset(
     return ds
 
 
-def extraction_precision(device: torch.device, use_bfloat16: bool) -> str:
-    """The dtype extraction computes in: bf16 autocast on CUDA (``engine.utils.autocast``),
-    float32 elsewhere whatever ``use_bfloat16`` says."""
-    return "bfloat16" if device.type == "cuda" and use_bfloat16 else "float32"
-
-
 def cache_key(
     identity: dict,
     layers: str,
@@ -171,25 +201,35 @@ def cache_key(
     device: Optional[torch.device] = None,
     use_bfloat16: bool = True,
     hash_images: bool = False,
+    compiled: bool = False,
 ) -> tuple[str, dict]:
-    """(hex key, its parts) for features of ``dataset`` through the encoder ``identity``."""
+    """(hex key, its parts) for features of ``dataset`` through the encoder ``identity``.
+
+    ``device`` (default the CPU): its type and the precision extraction computes in there
+    (``engine.utils.amp_dtype``) are part of the key; so is ``compiled`` when true."""
+    import torch
+
+    device = device or torch.device("cpu")
     parts = {
         "version": FEATURE_CODE_VERSION,
         "model": identity,
         "layers": layers,
         "transform": repr(dataset.transform),
-        "precision": extraction_precision(device or CPU, use_bfloat16),
-        "device": (device or CPU).type,
+        "precision": precision_name(amp_dtype(device, use_bfloat16)),
+        "device": device.type,
         "dataset": dataset_listing(dataset, hash_images),
     }
+    if compiled:
+        parts["compiled"] = True
     blob = json.dumps(parts, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:32], parts
 
 
-class _Indexed(Dataset):
-    """Items ``(image, target, index)`` of ``dataset`` at ``indices``; ``None`` if unreadable."""
+class _Indexed:
+    """Items ``(image, target, index)`` of ``dataset`` at ``indices``; ``None`` if unreadable
+    (a map-style dataset for ``DataLoader``)."""
 
-    def __init__(self, dataset: Dataset, indices: Sequence[int]):
+    def __init__(self, dataset: Any, indices: Sequence[int]):
         self.dataset, self.indices = dataset, indices
 
     def __len__(self) -> int:
@@ -203,6 +243,8 @@ class _Indexed(Dataset):
 
 def _broadcast(value: int, dist_info: DistInfo) -> int:
     """Rank 0's ``value`` on every rank."""
+    import torch
+
     t = torch.tensor([value if dist_info.is_main else 0], device=dist_info.device)
     return int(all_reduce_sum(t).item())
 
@@ -213,17 +255,21 @@ def feature_batches(
     layers: str,
     device: torch.device,
     use_bfloat16: bool = True,
+    compile: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``(indices, (B, D) float32 features, (B,) targets)`` of each readable batch of ``loader``
-    (batches of ``(images, targets, indices)``, ``None`` when nothing was readable)."""
+    (batches of ``(images, targets, indices)``, ``None`` when nothing was readable);
+    ``compile``: the pooled forward through ``torch.compile``."""
+    from ..models.heads import pooled_features
+
     encoder = encoder.to(device).eval()
-    pool = LAYERS[layers]
+    pool = maybe_compile(functools.partial(pooled_features, encoder, pool=LAYERS[layers]), compile)
     for batch in loader:
         if batch is None:
             continue
         images, targets, index = batch
         with autocast(device, use_bfloat16):
-            out = pooled_features(encoder, images.to(device, non_blocking=True), pool)
+            out = pool(images.to(device, non_blocking=True))
         yield index.numpy(), out.float().cpu().numpy(), targets.numpy()
 
 
@@ -232,7 +278,6 @@ def _batch_images(batch: Optional[tuple]) -> int:
     return 0 if batch is None else len(batch[-1])
 
 
-@torch.inference_mode()
 def encode_folder(
     encoder: torch.nn.Module,
     folder: str,
@@ -244,15 +289,22 @@ def encode_folder(
     """Features of the readable images of ``folder`` in memory, no cache (a Python caller's
     encoder): ``data`` gives the evaluation transform and batch size. The global RNG is left
     untouched, so a probe inside a training run does not change that run."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from ..data.folder import collate_skip_none
+
     data = data or EvalDataSection()
     dataset = build_eval_dataset(folder, data)
+    device = device or next(encoder.parameters()).device
     loader = DataLoader(
         _Indexed(dataset, range(len(dataset))), batch_size=data.batch_size,
-        num_workers=data.num_workers, collate_fn=collate_skip_none, generator=torch.Generator(),
+        collate_fn=getattr(dataset, "collate", collate_skip_none), generator=torch.Generator(),
+        **loader_kwargs(data.num_workers, device),
     )  # fmt: skip
-    device = device or next(encoder.parameters()).device
     bar = progress(loader, f"features {folder}", len(dataset), unit="img", size=_batch_images)
-    parts = list(feature_batches(encoder, bar, layers, device, use_bfloat16))
+    with torch.inference_mode():
+        parts = list(feature_batches(encoder, bar, layers, device, use_bfloat16))
     if not parts:
         raise UserError(f"{folder}: none of the {len(dataset)} images could be read")
     order = np.argsort(np.concatenate([p[0] for p in parts]))
@@ -260,10 +312,9 @@ def encode_folder(
     return FeatureSet(feats, np.concatenate([p[2] for p in parts])[order], list(dataset.classes))
 
 
-@torch.inference_mode()
 def extract_to(
     encoder: torch.nn.Module,
-    dataset: Dataset,
+    dataset: Any,
     folder: Path,
     layers: str,
     dist_info: DistInfo,
@@ -272,6 +323,7 @@ def extract_to(
     use_bfloat16: bool = True,
     chunk: Optional[int] = None,
     key: str = "",
+    compile: bool = False,
 ) -> None:
     """Write pooled features of ``dataset`` into the partial entry ``folder`` (``cache.py``),
     chunk by chunk, skipping the chunks a killed earlier run already recorded.
@@ -279,9 +331,34 @@ def extract_to(
     Every rank calls this; the unfinished chunks are dealt round-robin to the ranks, each chunk
     split into the same batches whatever the world size (bf16 autocast on CUDA). ``chunk``: rows
     per chunk, a multiple of ``batch_size`` (default about ``cache.CHUNK_BYTES`` of features).
+    ``compile``: ``torch.compile`` the encoder first.
     """
+    import torch
+
+    with torch.inference_mode():
+        _extract_chunks(encoder, dataset, PartialEntry(folder, key), layers, dist_info,
+                        batch_size, num_workers, use_bfloat16, chunk, compile)  # fmt: skip
+
+
+def _extract_chunks(
+    encoder: torch.nn.Module,
+    dataset: Any,
+    partial: PartialEntry,
+    layers: str,
+    dist_info: DistInfo,
+    batch_size: int,
+    num_workers: int,
+    use_bfloat16: bool,
+    chunk: Optional[int],
+    compile: bool,
+) -> None:
+    """``extract_to``'s work (under ``torch.inference_mode``)."""
+    from torch.utils.data import DataLoader
+
+    from ..data.folder import collate_skip_none
+    from ..models.heads import feature_dim
+
     n, dim = len(dataset), feature_dim(encoder, LAYERS[layers])
-    partial = PartialEntry(folder, key)
     if dist_info.is_main:
         partial.prepare(n, dim, chunk or chunk_rows(dim, batch_size))
     barrier()
@@ -290,17 +367,19 @@ def extract_to(
     bounds = chunk_bounds(n, plan["chunk"])
     todo = [i for i in range(len(bounds)) if i not in done]
     if dist_info.is_main and done:
-        logger.info("resuming %s: %d of %d chunks already written", folder, len(done), len(bounds))
+        logger.info("resuming %s: %d of %d chunks already written", partial.folder, len(done),
+                    len(bounds))  # fmt: skip
     mine = todo[dist_info.rank :: dist_info.world_size]
     batches = [list(range(s, min(s + batch_size, bounds[i][1])))
                for i in mine for s in range(bounds[i][0], bounds[i][1], batch_size)]  # fmt: skip
     loader = DataLoader(
-        _Indexed(dataset, range(n)), batch_sampler=batches, num_workers=num_workers,
-        collate_fn=collate_skip_none, pin_memory=dist_info.device.type == "cuda",
+        _Indexed(dataset, range(n)), batch_sampler=batches,
+        collate_fn=getattr(dataset, "collate", collate_skip_none),
+        **loader_kwargs(num_workers, dist_info.device),
     )  # fmt: skip
     bar = progress(loader, f"features {layers}", sum(bounds[i][1] - bounds[i][0] for i in mine),
                    dist_info.is_main, "img", size=_batch_images)  # fmt: skip
-    out = feature_batches(encoder, bar, layers, dist_info.device, use_bfloat16)
+    out = feature_batches(encoder, bar, layers, dist_info.device, use_bfloat16, compile)
     _write_chunks(partial, plan, [(i, *bounds[i]) for i in mine], out)
     barrier()
 
@@ -365,15 +444,17 @@ def load_or_extract(
     verify: str = "size",
     hash_images: bool = False,
     chunk: Optional[int] = None,
+    compile: bool = False,
 ) -> FeatureSet:
     """Features of ``dataset`` from the cache, extracting (with ``make_encoder()``) on a miss.
 
     Safe with any number of concurrent processes on one key: one writer at a time (a per-key
     lock), the others wait and reuse its entry; a killed writer's chunks are resumed by the next.
     A corrupt entry is re-extracted with a warning (``verify="full"`` re-hashes every chunk).
-    Every rank must call this.
+    Every rank must call this. ``compile``: ``torch.compile`` the encoder (``features.compile``).
     """
-    key, parts = cache_key(identity, layers, dataset, dist_info.device, use_bfloat16, hash_images)
+    key, parts = cache_key(identity, layers, dataset, dist_info.device, use_bfloat16, hash_images,
+                           compile)  # fmt: skip
     cache_dir, full = Path(cache_dir), verify == "full"
     entry = cache_dir / key
     arrays = open_entry(entry, key, full)[0] if dist_info.is_main and entry.exists() else None
@@ -385,7 +466,7 @@ def load_or_extract(
         if must_extract:
             try:
                 _extract_entry(dataset, make_encoder, layers, entry, parts, dist_info, batch_size,
-                               num_workers, use_bfloat16, chunk)  # fmt: skip
+                               num_workers, use_bfloat16, chunk, compile)  # fmt: skip
             finally:
                 lock.release()
             arrays = None
@@ -409,13 +490,14 @@ def _extract_entry(
     num_workers: int,
     use_bfloat16: bool,
     chunk: Optional[int],
+    compile: bool = False,
 ) -> None:
     """Extract (or finish) the partial entry of ``entry`` on every rank; rank 0 publishes it."""
     start = time.time()
     logger.info("extracting %s features of %d images from %s", layers, len(dataset), dataset.root)
     partial = PartialEntry.of(entry.parent, entry.name)
     extract_to(make_encoder(), dataset, partial.folder, layers, dist_info, batch_size,
-               num_workers, use_bfloat16, chunk, entry.name)  # fmt: skip
+               num_workers, use_bfloat16, chunk, entry.name, compile)  # fmt: skip
     if dist_info.is_main:
         partial.publish(entry, {**parts, "extract_seconds": round(time.time() - start, 3)})
     barrier()

@@ -2,7 +2,8 @@
 line, run setup, cached features and ``results.json``.
 
 Each protocol module is ``<Protocol>Config`` + a Python function on objects + ``run(cfg)`` +
-``main(argv) -> int``; ``protocol_main`` is that ``main``.
+``main(argv) -> int``; ``protocol_main`` is that ``main``. torch and the model code are imported
+when a run starts (``--help`` and config errors answer without them).
 """
 
 from __future__ import annotations
@@ -11,26 +12,26 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
-import torch
 
-from ..build import build_encoder
 from ..config import config_parser, parse_config, require_paths, save_config
-from ..data.folder import SafeImageFolder
 from ..data.subsets import SubsetSection, subset_of
 from ..engine.distributed import DistInfo, cleanup, init_distributed
 from ..engine.logger import RunLogger, setup_console_logging
 from ..errors import ConfigError
-from ..formats import locate
 from ..runs import run_main, write_results
 from .features import (
     FeatureSet,
     build_eval_dataset,
+    device_decode_dataset,
     load_or_extract,
     model_identity,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("ijepa_toolkit")
 
@@ -78,10 +79,13 @@ def start_run(
     model is built), then the process group, console logging and the resolved ``config.yaml``;
     logs the protocol settings."""
     paths = [(f"data.{key}", getattr(cfg.data, key), "folder") for key in folders]
-    if cfg.model.checkpoint:  # a release / timm name, a transformers folder -> its file
-        found = locate(cfg.model.checkpoint)
-        if found != Path(cfg.model.checkpoint):
-            cfg.model.checkpoint = str(found)
+    if cfg.model.checkpoint:
+        if not Path(cfg.model.checkpoint).is_file():  # a release / timm name, a transformers
+            from ..formats import locate  # folder -> its file (formats import torch: only here)
+
+            found = locate(cfg.model.checkpoint)
+            if found != Path(cfg.model.checkpoint):
+                cfg.model.checkpoint = str(found)
         paths.append(("model.checkpoint", cfg.model.checkpoint, "file"))
     require_paths(paths)
     dist_info = init_distributed(cfg.meta.device)
@@ -96,17 +100,31 @@ def subset_indices(folder: str, subset: SubsetSection) -> Optional[list[int]]:
     """Indices into the ImageFolder ``folder`` of ``subset``; None for the whole folder."""
     if not subset.file and subset.per_class <= 0:
         return None
+    from ..data.folder import SafeImageFolder
+
     return subset_of(SafeImageFolder(folder), subset)
 
 
 def split_features(
     cfg: Any, folder: str, dist_info: DistInfo, indices: Optional[Sequence[int]] = None
 ) -> FeatureSet:
-    """Cached features of ``folder`` (restricted to ``indices``) for the config's encoder."""
+    """Cached features of ``folder`` (restricted to ``indices``) for the config's encoder;
+    ``features.gpu_decode``: the JPEGs are decoded and resized on the GPU (CUDA only)."""
     dataset = build_eval_dataset(folder, cfg.data, indices)
+    if cfg.features.gpu_decode:
+        if dist_info.device.type != "cuda":
+            raise ConfigError(
+                f"features.gpu_decode=true decodes JPEGs on the GPU, but the device is "
+                f"{dist_info.device} (meta.device={cfg.meta.device}): set features.gpu_decode=false"
+            )
+        dataset = device_decode_dataset(dataset, cfg.data)
     identity = model_identity(cfg.model, cfg.meta.seed, cfg.features.cache_dir, dist_info.is_main)
 
     def make_encoder() -> torch.nn.Module:
+        import torch
+
+        from ..build import build_encoder
+
         torch.manual_seed(cfg.meta.seed)  # a random init depends on the seed only
         return build_encoder(cfg.model)
 
@@ -114,6 +132,7 @@ def split_features(
         dataset, identity, make_encoder, cfg.features.layers, cfg.features.cache_dir, dist_info,
         cfg.data.batch_size, cfg.data.num_workers, cfg.meta.use_bfloat16,
         verify=cfg.features.verify, hash_images=cfg.features.hash_images,
+        compile=cfg.features.compile,
     )  # fmt: skip
 
 

@@ -23,12 +23,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..config import EncoderSection, LoggingSection, MetaSection
 from ..engine.utils import progress
@@ -41,7 +38,9 @@ from .frozen import (
     split_features,
     start_run,
 )
-from .metrics import topk_accuracy
+
+if TYPE_CHECKING:  # torch is imported when a run starts, not with the module (--help)
+    import torch
 
 logger = logging.getLogger("ijepa_toolkit")
 DEFAULT_KS = (10, 20, 100, 200)
@@ -58,6 +57,8 @@ def top_k(
     top-k entry (each group whose max reaches the k-th largest value holds one of the k largest),
     so the final ``topk`` runs over ``block * k`` candidates (+ the ragged tail).
     """
+    import torch
+
     rows, n = sims.shape
     groups = n // block
     if groups < 4 * k:
@@ -77,6 +78,10 @@ def top_k(
 
 def _gather_candidates(sims: torch.Tensor, labels: torch.Tensor, max_k: int):
     """Top ``max_k`` of the (chunk, k_local) candidates of all ranks, (chunk, max_k) each."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
     world = dist.get_world_size()
     pad = max_k - sims.shape[1]
     if pad:  # a rank with fewer than max_k bank rows pads with weightless candidates
@@ -108,6 +113,10 @@ def knn_scores(
     with its own bank slice and the same test features) gives every rank the scores of the
     whole bank.
     """
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
     train = F.normalize(train_feats.float(), dim=1)
     labels = train_labels.long().to(train.device)
     n_train = train.shape[0]
@@ -160,6 +169,10 @@ def knn_features(
     (tensors or arrays). ``num_classes`` defaults to the largest label + 1 (give it when
     ``sharded``: every rank passes its own slice of the training bank, see ``knn_scores``).
     """
+    import torch
+
+    from .metrics import topk_accuracy
+
     train_feats, train_labels, test_feats, test_labels = (
         torch.as_tensor(np.asarray(x)) if not torch.is_tensor(x) else x
         for x in (train_feats, train_labels, test_feats, test_labels)
@@ -246,7 +259,9 @@ def run(cfg: KNNConfig) -> dict[str, float]:
         f"{cfg.data.interpolation}, "
         f"center crop {cfg.data.img_size}, mean {cfg.data.mean}, std {cfg.data.std}",
     }  # fmt: skip
-    dist_info = start_run(cfg, "knn", settings)
+    dist_info = start_run(cfg, "knn", settings)  # (the cheap checks: before torch is imported)
+    import torch
+
     train = split_features(cfg, cfg.data.train_folder, dist_info)
     test = split_features(cfg, cfg.data.val_folder, dist_info)
     check_same_classes(train, test)

@@ -17,23 +17,15 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
-import torch
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
-from torchvision import transforms
 
-from ..build import build_encoder
 from ..config import EncoderSection, LoggingSection, MetaSection
-from ..data.folder import SafeImageFolder, collate_skip_none
 from ..engine.distributed import DistInfo
 from ..engine.logger import RunLogger
-from ..engine.resume import LAST, load_training_state, save_training_state
-from ..engine.utils import autocast, seed_everything
+from ..engine.utils import autocast, loader_kwargs, seed_everything
 from ..errors import TrainingDiverged
-from ..models.heads import pooled_features
 from ..run_folder import LINPROBE_RESUME_ALLOWED, add_run_flags, run_owned
 from ..runs import check_finite
 from .features import LAYERS, EvalDataSection, FeatureSet, FeaturesSection, encode_folder
@@ -46,19 +38,15 @@ from .frozen import (
     split_features,
     start_run,
 )
-from .linear_heads import (
-    Optimizer,
-    Schedule,
-    build_scheduler,
-    diverged_heads,
-    evaluate_heads,
-    make_heads,
-    make_optimizer,
-    train_heads,
-)
+
+if TYPE_CHECKING:  # torch, timm and the heads are imported when a run starts (not for --help)
+    import torch
+    from torch import nn
 
 logger = logging.getLogger("ijepa_toolkit")
-Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+Optimizer = Literal["lars", "sgd"]
+Schedule = Literal["cosine", "step"]
+Batches = Callable[[int], Iterator[tuple]]  # epoch -> ((B, D) features, (B,) labels) tensors
 MODES = {"cached": "cached eval-transform features",
          "online": "online: RandomResizedCrop + flip each step"}  # fmt: skip
 
@@ -132,6 +120,8 @@ def cached_batches(feats: np.ndarray, labels: np.ndarray, rows: np.ndarray, batc
     """``batches(epoch)`` of (B, D) features and (B,) labels from ``rows`` of the (memory-mapped)
     cache: a seeded shuffle per epoch, this rank's equal share, full batches, each batch read
     from the cache and moved to ``device`` on its own (ranks share the page cache)."""
+    import torch
+
     per_rank = len(rows) // world
     steps = max(1, per_rank // batch_size)
 
@@ -149,6 +139,14 @@ def cached_batches(feats: np.ndarray, labels: np.ndarray, rows: np.ndarray, batc
 def online_batches(cfg: LinprobeConfig, indices: list, dist_info: DistInfo) -> tuple[Batches, int]:
     """``batches(epoch)`` of frozen-encoder features of augmented training images (MAE linprobe
     augmentation: RandomResizedCrop bicubic + horizontal flip)."""
+    import torch
+    from torch.utils.data import DataLoader, DistributedSampler
+    from torchvision import transforms
+
+    from ..build import build_encoder
+    from ..data.folder import SafeImageFolder, collate_skip_none
+    from ..models.heads import pooled_features
+
     d = cfg.data
     bicubic = transforms.InterpolationMode.BICUBIC
     tf = transforms.Compose([
@@ -161,8 +159,9 @@ def online_batches(cfg: LinprobeConfig, indices: list, dist_info: DistInfo) -> t
     sampler = DistributedSampler(ds, dist_info.world_size, dist_info.rank, seed=cfg.meta.seed,
                                  drop_last=True)  # fmt: skip
     loader = DataLoader(ds, batch_size=cfg.optimization.batch_size, sampler=sampler,
-                        num_workers=d.num_workers, collate_fn=collate_skip_none,
-                        drop_last=len(sampler) >= cfg.optimization.batch_size)  # fmt: skip
+                        collate_fn=collate_skip_none,
+                        drop_last=len(sampler) >= cfg.optimization.batch_size,
+                        **loader_kwargs(d.num_workers, dist_info.device))  # fmt: skip
     torch.manual_seed(cfg.meta.seed)
     encoder = build_encoder(cfg.model).to(dist_info.device).eval()
     pool = LAYERS[cfg.features.layers]
@@ -174,7 +173,8 @@ def online_batches(cfg: LinprobeConfig, indices: list, dist_info: DistInfo) -> t
                 continue
             images, labels = batch
             with torch.no_grad(), autocast(dist_info.device, cfg.meta.use_bfloat16):
-                feats = pooled_features(encoder, images.to(dist_info.device), pool)
+                feats = pooled_features(encoder, images.to(dist_info.device, non_blocking=True),
+                                        pool)  # fmt: skip
             yield feats.float(), labels.to(dist_info.device)
 
     return batches, len(loader)
@@ -185,6 +185,8 @@ def new_heads(
     world_size: int, seed: int, device: torch.device,
 ) -> tuple[nn.ModuleList, torch.optim.Optimizer, Any]:  # fmt: skip
     """Seeded heads of the (lr, wd) grid (alike on every rank), their optimizer and schedule."""
+    from .linear_heads import build_scheduler, make_heads, make_optimizer
+
     grid = opt.grid(world_size)
     seed_everything(seed)  # heads start alike on every rank, cache hit or miss
     heads = make_heads(in_dim, num_classes, len(grid), batchnorm).to(device)
@@ -202,6 +204,8 @@ def select_and_test(
     selection: held-out top-1 of every head, the selected lr and weight decay, the diverged
     heads). A diverged head (``diverged[i]``: non-finite loss or weights) is never selected, even
     on a held-out tie; all of them diverged: ``TrainingDiverged``."""
+    from .linear_heads import evaluate_heads
+
     names, diverged = head_names(grid), list(diverged or [False] * len(grid))
     if all(diverged):
         raise TrainingDiverged(f"linear probe: every head diverged (non-finite loss or weights: "
@@ -251,6 +255,10 @@ def linear_features(
     """The linear probe protocol in one process on (N, D) features and (N,) labels: (test
     ``{"top1", "top5"}`` %, the selection, see ``select_and_test``). ``opt``: the grid and
     schedule (default ``OptimizationSection()``)."""
+    import torch
+
+    from .linear_heads import diverged_heads, train_heads
+
     opt, device = opt or OptimizationSection(), device or torch.device("cpu")
     train = FeatureSet(np.asarray(train_feats), np.asarray(train_labels), [])
     test = FeatureSet(np.asarray(test_feats), np.asarray(test_labels), [])
@@ -294,6 +302,8 @@ def training_data(cfg: LinprobeConfig, dist_info: DistInfo):
     """(held-out FeatureSet, its held-out rows, number of fit images, batches, steps per epoch)
     of ``linprobe.mode``: cached features of the fit rows, or augmented fit images (online;
     the held-out images are then a cache of their own)."""
+    from ..data.folder import SafeImageFolder
+
     opt, frac, seed = cfg.optimization, cfg.linprobe.held_out_fraction, cfg.meta.seed
     if cfg.linprobe.mode == "cached":
         train = split_features(cfg, cfg.data.train_folder, dist_info)
@@ -317,6 +327,9 @@ def train_logged(
     """(the heads trained on ``batches``, each epoch logged and checkpointed in logging.folder,
     the last epoch's mean loss per head: None when no epoch ran, a finished run resumed);
     ``resume``: continue from that checkpoint."""
+    from ..engine.resume import LAST, load_training_state, save_training_state
+    from .linear_heads import train_heads
+
     opt = cfg.optimization
     heads, optimizer, scheduler = new_heads(
         opt, test.feats.shape[1], len(test.classes), cfg.linprobe.batchnorm, steps,
@@ -361,6 +374,8 @@ def run(cfg: LinprobeConfig, resume: bool = False) -> dict[str, float]:
         "selection": f"held-out {lp.held_out_fraction:g} of each training class",
     }  # fmt: skip
     dist_info = start_run(cfg, "linprobe", settings)
+    from .linear_heads import diverged_heads  # torch, timm: after the cheap checks
+
     test = split_features(cfg, cfg.data.val_folder, dist_info)
     held, held_rows, n_fit, batches, steps = training_data(cfg, dist_info)
     check_same_classes(held, test)

@@ -13,7 +13,7 @@ over ranks, each rank its own batches).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,8 +27,8 @@ from ..engine.utils import progress, warmup_cosine
 from ..models.heads import LinearHead
 from .metrics import topk_hits
 
-Optimizer = Literal["lars", "sgd"]
-Schedule = Literal["cosine", "step"]
+if TYPE_CHECKING:  # the choices are the config's (eval.linear, which imports this module lazily)
+    from .linear import Optimizer, Schedule
 
 
 def make_heads(in_dim: int, num_classes: int, n: int, batchnorm: bool) -> nn.ModuleList:

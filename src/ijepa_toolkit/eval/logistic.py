@@ -40,10 +40,9 @@ import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Optional, Sequence, Union
 
 import numpy as np
-import torch
 
 from ..config import EncoderSection, LoggingSection, MetaSection
 from ..data.subsets import SubsetSection
@@ -60,8 +59,9 @@ from .frozen import (
     start_run,
     subset_indices,
 )
-from .metrics import topk_accuracy
-from .softmax_lbfgs import convergence_of, fit_softmax_lbfgs
+
+if TYPE_CHECKING:  # torch is imported when a fit starts, not with the module (--help)
+    import torch
 
 logger = logging.getLogger("ijepa_toolkit")
 Solver = Literal["cyanure", "sklearn", "torch_lbfgs"]
@@ -186,6 +186,8 @@ def fit_logistic(
     ``softmax_lbfgs.fit_softmax_lbfgs`` on ``device`` from ``init`` (C, D) (a warm start), to the
     relative gradient norm ``grad_tol`` or ``10 * max_iter`` iterations."""
     if solver == "torch_lbfgs":
+        from .softmax_lbfgs import fit_softmax_lbfgs
+
         return fit_softmax_lbfgs(x, y, lambd, grad_tol, 10 * max_iter, device, init)
     if solver == "sklearn":
         from sklearn.linear_model import LogisticRegression
@@ -265,6 +267,8 @@ def fit_record(est, x: np.ndarray, y: np.ndarray, lambd: float, opt: LogisticSec
     if record is None:
         budget = opt.max_iter * (10 if opt.solver == "sklearn" else 1)
         iterations = int(np.max(np.asarray(est.n_iter_)))
+        from .softmax_lbfgs import convergence_of
+
         record = {"solver": opt.solver, **convergence_of(x, y, est, lambd),
                   "iterations": iterations, "converged": iterations < budget}  # fmt: skip
     return {"lambd": float(lambd), **record}
@@ -360,6 +364,10 @@ def logistic_features(
         x_fit, x_eval = preprocess(opt.preprocess, x, np.asarray(x_test), opt.stop_test_stats)
         est, record = _fit(opt, x_fit, y, selection["lambd_selected"], seed, device, init)
     selection["convergence"].append({"fit": "final", **record})
+    import torch
+
+    from .metrics import topk_accuracy
+
     scores = torch.from_numpy(class_scores(est, x_eval, num_classes))
     acc = topk_accuracy(scores, torch.as_tensor(np.asarray(y_test)), (1, 5))
     return {"top1": acc[1], "top5": acc[5]}, selection

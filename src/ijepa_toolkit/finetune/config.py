@@ -98,6 +98,10 @@ class MixupSection:
             ("smoothing", self.smoothing, 0 <= self.smoothing < 1, "in [0, 1)"),
         ]
 
+    def active(self) -> bool:
+        """Whether Mixup or CutMix mixes images (timm ``Mixup`` is built)."""
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
 
 @dataclass
 class OptimizationSection:
@@ -143,6 +147,7 @@ class FinetuneSection:
     drop_path: float = 0.1  # MAE argparse (FINETUNE.md: 0.1 ViT-B, 0.2 ViT-L, 0.3 ViT-H)
     grad_checkpointing: bool = False  # activation checkpointing in the encoder blocks (toolkit)
     use_fp16: bool = False  # CUDA: fp16 autocast + GradScaler instead of bf16 (toolkit)
+    compile: bool = False  # torch.compile the classifier (first steps slower; see bench/)
     model_ema: bool = False  # timm ModelEmaV3 of the weights (toolkit; not in MAE)
     model_ema_decay: float = 0.9999  # DeiT's default
     checkpoint_every: int = 0  # also write checkpoint-last.pth every N optimizer steps (0: epochs)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..build import build_encoder
 from ..data.transforms import eval_transform
-from ..engine.utils import warmup_cosine
+from ..engine.utils import adamw, warmup_cosine
 from ..models.heads import EncoderClassifier
 from .config import DataSection, FinetuneConfig, MixupSection, OptimizationSection
 
@@ -65,16 +65,12 @@ def _patch_timm_posterize() -> None:
         auto_augment.NAME_TO_OP[name] = _posterize
 
 
-def mixup_active(m: MixupSection) -> bool:
-    return m.mixup > 0 or m.cutmix > 0 or m.cutmix_minmax is not None
-
-
 def build_mixup(m: MixupSection, num_classes: int) -> Optional[Mixup]:
     """timm ``Mixup`` told the dataset's class count, or None when mixing is off.
 
     It pairs images within a batch: ``run.check_config`` refuses an odd per-device batch.
     """
-    if not mixup_active(m):
+    if not m.active():
         return None
     return Mixup(
         mixup_alpha=m.mixup,
@@ -91,7 +87,7 @@ def build_mixup(m: MixupSection, num_classes: int) -> Optional[Mixup]:
 def build_criterion(m: MixupSection) -> nn.Module:
     """Soft-target CE when mixing (Mixup makes smoothed soft targets), label-smoothing CE when
     only smoothing, plain CE when neither (MAE's rule)."""
-    if mixup_active(m):
+    if m.active():
         return SoftTargetCrossEntropy()
     if m.smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=m.smoothing)
@@ -134,8 +130,10 @@ def absolute_lr(opt: OptimizationSection, effective_batch: int) -> float:
     return opt.lr if opt.lr is not None else opt.blr * effective_batch / 256
 
 
-def build_optimizer(groups: list[dict], opt: OptimizationSection, lr: float):
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(opt.betas))
+def build_optimizer(groups: list[dict], opt: OptimizationSection, lr: float) -> torch.optim.AdamW:
+    """AdamW over the layer-decay ``groups`` (``engine.utils.adamw``: fused on CUDA, foreach
+    otherwise)."""
+    return adamw(groups, lr=lr, betas=tuple(opt.betas))
 
 
 def build_scheduler(optimizer, opt: OptimizationSection, steps_per_epoch: int):

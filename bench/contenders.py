@@ -1,0 +1,107 @@
+"""What every comparison bench shares: the machine line, result rows, alternating timing.
+
+Not a package module: the bench scripts put ``bench/`` on ``sys.path`` and import it as
+``from contenders import ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line: CPU model, cores, torch version and threads, load averages (1/5/15 min)."""
+    import torch
+
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), load average {load}")  # fmt: skip
+
+
+@dataclass
+class Row:
+    """One comparison: the toolkit's figure and a contender's, in ``unit`` (seconds or a rate).
+
+    ``ratio`` is always "how many times faster the toolkit is" (> 1: the toolkit wins): for times
+    (a unit starting with ``s``) contender / toolkit, for rates toolkit / contender. A row with
+    ``skipped`` set names why the contender was not measured."""
+
+    bench: str
+    contender: str
+    unit: str = "s"
+    toolkit: Optional[float] = None
+    other: Optional[float] = None
+    skipped: str = ""
+    note: str = ""
+
+    @property
+    def ratio(self) -> Optional[float]:
+        if self.toolkit is None or self.other is None:
+            return None
+        return self.other / self.toolkit if self.unit.startswith("s") else self.toolkit / self.other
+
+    def line(self) -> str:
+        """``bench vs contender: toolkit X, contender Y, ratio Z``, or the reason it was skipped."""
+        if self.skipped:
+            return f"{self.bench} vs {self.contender}: skipped ({self.skipped})"
+        note = f"; {self.note}" if self.note else ""
+        return (
+            f"{self.bench} vs {self.contender}: toolkit {self.toolkit:.4g} {self.unit}, "
+            f"{self.contender} {self.other:.4g} {self.unit}, toolkit {self.ratio:.2f}x{note}"
+        )
+
+
+def table(rows: Sequence[Row]) -> str:
+    """The rows as a Markdown table (ratio: > 1 means the toolkit is faster)."""
+    out = ["| bench | contender | unit | toolkit | contender | toolkit speed-up |",
+           "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in rows:
+        if r.skipped:
+            out.append(f"| {r.bench} | {r.contender} | | | | skipped: {r.skipped} |")
+        else:
+            out.append(f"| {r.bench} | {r.contender} | {r.unit} | {r.toolkit:.4g} | "
+                       f"{r.other:.4g} | {r.ratio:.2f}x |")  # fmt: skip
+    return "\n".join(out)
+
+
+def alternating(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict:
+    """Median wall seconds of each callable, timed in turn ``rounds`` times after ``warmup``
+    untimed calls each, so all of them see the same background load."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    spent: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            spent[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in spent.items()}
+
+
+def missing(module: str) -> Optional[str]:
+    """None when ``module`` imports, else the reason it does not (for a ``skipped`` row)."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return f"{module} is not installed ({e})"
+    return None

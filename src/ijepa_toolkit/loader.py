@@ -225,9 +225,8 @@ def inspect_checkpoint(path: PathLike) -> dict:
         name: _encoder_entry(sd, contents, path) for name, sd in contents.encoders.items()
     }
     if contents.predictor is not None:
-        info["submodels"]["predictor"] = _predictor_entry(
-            contents.predictor, contents.num_heads, path
-        )
+        heads = contents.predictor_variant.get("num_heads", contents.num_heads)
+        info["submodels"]["predictor"] = _predictor_entry(contents.predictor, heads, path)
     info["other_keys"], info["meta"] = contents.other_keys, contents.meta
     if not any("arch" in e for e in info["submodels"].values()):
         keys = ", ".join(map(str, list(raw.obj)[:6])) + (", ..." if len(raw.obj) > 6 else "")

@@ -38,7 +38,9 @@ class Contents:
     keys beside the weights (``ijepa-inspect`` lists them); ``pos_kind`` / ``pos_source``: the
     position-table kind the file's provenance gives (``sincos`` / ``learned``) and why, when the
     format knows how the file was trained (None: unknown, decided numerically); ``variant``:
-    ``VariantViT`` options the file's provenance gives and no tensor shows (``mlp_act``).
+    ``VariantViT`` options the file's provenance gives and no tensor shows (``mlp_act``);
+    ``predictor_variant``: the same for the predictor (``num_heads``, ``mlp_act``,
+    ``layernorm_eps``).
     """
 
     path: Path
@@ -54,6 +56,7 @@ class Contents:
     pos_kind: Optional[str] = None
     pos_source: str = ""
     variant: dict = field(default_factory=dict)
+    predictor_variant: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -216,15 +219,20 @@ def _context_table(contents: Contents) -> Optional[torch.Tensor]:
 
 
 def predictor_of(contents: Contents, num_heads: Optional[int] = None) -> tuple[dict, PredictorArch]:
-    """The predictor's prefix-free state dict and architecture (I-JEPA layouts only)."""
+    """The predictor's prefix-free state dict and architecture (I-JEPA layouts only); heads:
+    ``num_heads``, else the file's predictor heads, else the file's (encoder) heads."""
     if contents.predictor is None:
         raise CheckpointError(
             f"{contents.path}: has no 'predictor' weights (format {contents.format}); "
             "only I-JEPA training checkpoints carry the predictor"
         )
     state = strip_to_anchor(contents.predictor, PREDICTOR_ANCHOR, contents.path, "predictor")[0]
-    heads = num_heads if num_heads is not None else contents.num_heads
-    return state, or_checkpoint_error(infer_predictor_arch, contents.path, state, heads)
+    recorded = contents.predictor_variant
+    heads = num_heads if num_heads is not None else recorded.get("num_heads", contents.num_heads)
+    arch = or_checkpoint_error(infer_predictor_arch, contents.path, state, heads)
+    arch.mlp_act = recorded.get("mlp_act", arch.mlp_act)
+    arch.layernorm_eps = recorded.get("layernorm_eps", arch.layernorm_eps)
+    return state, arch
 
 
 def or_checkpoint_error(infer: Callable, path: Any, *args: Any) -> Any:

@@ -52,7 +52,7 @@ def read(raw: RawCheckpoint) -> Contents:
         epoch=epoch_of(obj), num_heads=_num_heads(section, arch),
         layernorm_eps=float(eps) if eps is not None else None,
         other_keys=other, meta=scalars_of(obj, other), **_pos_provenance(section, encoders),
-        variant=_variant(section),
+        variant=_variant(section), predictor_variant=_predictor_variant(section),
     )  # fmt: skip
 
 
@@ -69,6 +69,19 @@ def _variant(section: dict) -> dict:
     """``model.mlp_act`` of a pretraining config, which no tensor shows (``{}``: exact GELU)."""
     act = section.get("mlp_act", "gelu")
     return {} if act == "gelu" else {"mlp_act": act}
+
+
+def _predictor_variant(section: dict) -> dict:
+    """What no predictor tensor shows: ``model.pred_num_heads`` (0 / absent: the encoder's),
+    ``model.pred_mlp_act`` (absent: exact GELU), ``model.pred_layernorm_eps`` (absent: 1e-6)."""
+    found = {}
+    if section.get("pred_num_heads"):
+        found["num_heads"] = int(section["pred_num_heads"])
+    if section.get("pred_mlp_act") is not None:
+        found["mlp_act"] = section["pred_mlp_act"]
+    if section.get("pred_layernorm_eps") is not None:
+        found["layernorm_eps"] = float(section["pred_layernorm_eps"])
+    return found
 
 
 def _num_heads(section: dict, arch: dict) -> Optional[int]:

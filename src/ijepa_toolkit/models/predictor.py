@@ -30,6 +30,14 @@ ToMe (IJEPA-Enhanced ``Predictor`` / ``TomeBlocks``, ``ijepa_enhanced/vit.py`` @
 ``tome_rates`` (one count per block, default none) merges tokens after each block's attention,
 ``tome_mode`` ``drop`` by default (Enhanced's ``Predictor.forward`` leaves ``TomeBlocks``' default
 mode); the final norm sees the merged tokens, which are then unmerged (models/tome.py).
+
+Block options (``PredictorArch``; the defaults are the official LayerNorm timm blocks): the
+featurenorm seed's predictor blocks share its encoder's block config
+(``src/transformer_blocks.py`` ``TransformerBlock`` @ eb093c2), reachable as ``block_norm``
+``dyntanh`` (with ``norm_affine``), ``qk_norm`` per-head ``layernorm`` / ``dyntanh``,
+``qkv_bias`` / ``proj_bias`` false and ``mlp_act`` ``gelu_tanh``; built as the encoder builds them
+(``models/norms.py``, ``vit_variants.set_qk_norm``). Every option but ``mlp_act`` shows in the
+tensors (``infer_predictor_arch``); the toolkit format records ``mlp_act`` (formats/toolkit.py).
 """
 
 from __future__ import annotations
@@ -39,13 +47,15 @@ from functools import partial
 from typing import Callable, Literal, Optional, Sequence
 
 import torch
-from timm.layers import trunc_normal_
+from timm.layers import get_act_layer, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from .norms import norm_layer as make_norm_layer
 from .pos_embed import sincos_2d
 from .tome import tome_blocks
 from .vit import Masks, apply_masks, block_rows, count_blocks, heads_for_width
+from .vit_variants import MLP_ACTS, qk_norm_of_state, set_qk_norm
 
 TargetInput = Literal["mask_token", "stop_noise", "stop_zero_noise"]
 TARGET_INPUTS = ("mask_token", "stop_noise", "stop_zero_noise")
@@ -64,6 +74,11 @@ class PredictorArch:
     qkv_bias: bool = True
     layernorm_eps: float = 1e-6
     num_registers: int = 0  # learned predictor register tokens (0: the official predictor)
+    block_norm: str = "layernorm"  # norm1/norm2 inside the blocks: layernorm | dyntanh
+    norm_affine: bool = True  # the block DynTanh's weight/bias (LayerNorm is always affine)
+    qk_norm: Optional[str] = None  # per-head q/k norm over head_dim: None | layernorm | dyntanh
+    proj_bias: bool = True  # bias of the attention's output projection
+    mlp_act: str = "gelu"  # MLP activation: gelu (exact) | gelu_tanh (no tensor shows it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,12 +127,7 @@ class IJEPAPredictor(nn.Module):
         self.predictor_pos_embed = nn.Parameter(
             sincos_2d(dim, (arch.grid, arch.grid)), requires_grad=False
         )
-        rates = torch.linspace(0, drop_path_rate, arch.depth, device="cpu").tolist()
-        self.predictor_blocks = nn.ModuleList(
-            Block(dim, arch.num_heads, arch.mlp_ratio, qkv_bias=arch.qkv_bias, drop_path=r,
-                  norm_layer=norm_layer)
-            for r in rates
-        )  # fmt: skip
+        self.predictor_blocks = predictor_blocks(arch, drop_path_rate)
         self.predictor_norm = norm_layer(dim)
         self.predictor_proj = nn.Linear(dim, arch.embed_dim, bias=True)
         trunc_normal_(self.mask_token, std=0.02)
@@ -224,9 +234,30 @@ class IJEPAPredictor(nn.Module):
         return target_pos + self.predictor_embed(noise)
 
 
+def predictor_blocks(arch: PredictorArch, drop_path_rate: float = 0.0) -> nn.ModuleList:
+    """``arch.depth`` timm ``Block`` s of width ``predictor_embed_dim`` with the arch's block
+    options (module docstring); drop-path rates rise linearly from 0 to ``drop_path_rate``."""
+    if arch.mlp_act not in MLP_ACTS:
+        raise ValueError(f"mlp_act must be one of {MLP_ACTS}, got {arch.mlp_act!r}")
+    norm = make_norm_layer(arch.block_norm, arch.layernorm_eps, arch.norm_affine)
+    act = nn.GELU if arch.mlp_act == "gelu" else get_act_layer(arch.mlp_act)  # the official class
+    rates = torch.linspace(0, drop_path_rate, arch.depth, device="cpu").tolist()
+    blocks = nn.ModuleList(
+        Block(arch.predictor_embed_dim, arch.num_heads, arch.mlp_ratio, qkv_bias=arch.qkv_bias,
+              drop_path=r, norm_layer=norm, act_layer=act)
+        for r in rates
+    )  # fmt: skip
+    for block in blocks if not arch.proj_bias else ():  # timm's proj_bias drops the MLP's too
+        block.attn.proj.register_parameter("bias", None)
+    if arch.qk_norm is not None:
+        set_qk_norm(blocks, make_norm_layer(arch.qk_norm, arch.layernorm_eps))
+    return blocks
+
+
 def infer_predictor_arch(state_dict: dict, num_heads: Optional[int] = None) -> PredictorArch:
     """Read the predictor shape off its tensors. Heads default to the encoder width's table;
-    a ``predictor_registers`` (1, N, Dp) tensor gives ``num_registers = N``."""
+    a ``predictor_registers`` (1, N, Dp) tensor gives ``num_registers = N``; the block options
+    but ``mlp_act`` (left ``gelu``: no tensor shows it) are read off the first block."""
     dim, embed_dim = state_dict["predictor_embed.weight"].shape
     depth = count_blocks(state_dict, "predictor_blocks")
     hidden = state_dict["predictor_blocks.0.mlp.fc1.weight"].shape[0]
@@ -248,4 +279,8 @@ def infer_predictor_arch(state_dict: dict, num_heads: Optional[int] = None) -> P
         num_registers=(
             state_dict["predictor_registers"].shape[1] if "predictor_registers" in state_dict else 0
         ),
+        block_norm="dyntanh" if "predictor_blocks.0.norm1.alpha" in state_dict else "layernorm",
+        norm_affine="predictor_blocks.0.norm1.weight" in state_dict,
+        qk_norm=qk_norm_of_state(state_dict, "predictor_blocks.0"),
+        proj_bias="predictor_blocks.0.attn.proj.bias" in state_dict,
     )

@@ -22,7 +22,7 @@ A state dict says which options it holds (``reg_token``, ``pos_embed_row``, ``ro
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,21 @@ def factorized_positions(row: torch.Tensor, col: torch.Tensor, h: int, w: int) -
             "patches per side"
         )
     return (row[:, :h, None] + col[:, None, :w]).reshape(1, h * w, -1)
+
+
+def set_qk_norm(blocks: Iterable[nn.Module], layer: Callable[[int], nn.Module]) -> None:
+    """Give every timm block's attention per-head q/k norms ``layer(head_dim)`` (timm's
+    ``q_norm`` / ``k_norm``, applied to (B, H, N, head_dim) q and k before the product)."""
+    for block in blocks:
+        block.attn.q_norm = layer(block.attn.head_dim)
+        block.attn.k_norm = layer(block.attn.head_dim)
+
+
+def qk_norm_of_state(state: dict, block: str = "blocks.0") -> Optional[str]:
+    """The q/k norm kind ``block`` (a key prefix) holds in ``state``: None, dyntanh, layernorm."""
+    if f"{block}.attn.q_norm.weight" not in state:
+        return None
+    return "dyntanh" if f"{block}.attn.q_norm.alpha" in state else "layernorm"
 
 
 class Rope2D(nn.Module):
@@ -153,9 +168,8 @@ class VariantViT(IJEPAVisionTransformer):
                     self.embed_dim, old.num_heads, qkv_bias=old.qkv.bias is not None,
                     rope=self.rope,
                 )  # fmt: skip
-        for block in self.blocks if qk_norm_layer is not None else ():
-            block.attn.q_norm = qk_norm_layer(block.attn.head_dim)
-            block.attn.k_norm = qk_norm_layer(block.attn.head_dim)
+        if qk_norm_layer is not None:
+            set_qk_norm(self.blocks, qk_norm_layer)
         if self.reg_token is not None:
             trunc_normal_(self.reg_token, std=0.02)
         for block in self.blocks if moe_experts else ():
@@ -254,7 +268,7 @@ def variant_from_state(
     """
     options = {"num_registers": state["reg_token"].shape[1] if "reg_token" in state else 0}
     if QK_KEY in state:
-        options["qk_norm"] = "dyntanh" if "blocks.0.attn.q_norm.alpha" in state else "layernorm"
+        options["qk_norm"] = qk_norm_of_state(state)
     if "pos_embed_row" in state:
         options["pos_kind"] = "factorized"
         side = state["pos_embed_row"].shape[1]

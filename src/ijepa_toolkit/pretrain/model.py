@@ -230,7 +230,10 @@ def build_models(
         grid=img_size // arch.patch_size, embed_dim=arch.embed_dim,
         predictor_embed_dim=section.pred_emb_dim, depth=section.pred_depth,
         num_heads=section.pred_num_heads or arch.num_heads,
-        num_registers=section.pred_num_registers,
+        num_registers=section.pred_num_registers, block_norm=section.pred_block_norm,
+        norm_affine=section.pred_norm_affine, qk_norm=section.pred_qk_norm,
+        qkv_bias=section.pred_qkv_bias, proj_bias=section.pred_proj_bias,
+        mlp_act=section.pred_mlp_act, layernorm_eps=section.pred_layernorm_eps,
     )  # fmt: skip
     stop_sigma = section.stop_sigma if section.stop else 0.0
     predictor = IJEPAPredictor(

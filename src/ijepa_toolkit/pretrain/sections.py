@@ -66,6 +66,14 @@ class ModelSection:
     qkv_bias: bool = True  # bias of the attention's qkv projection (arch.qkv_bias overrides it)
     mlp_act: Literal["gelu", "gelu_tanh"] = "gelu"  # MLP activation: exact or tanh-approximated
     pred_num_heads: int = 0  # predictor attention heads (0: the encoder's)
+    # predictor blocks (models/predictor.py; featurenorm: dyntanh, layernorm, false, gelu_tanh)
+    pred_block_norm: Literal["layernorm", "dyntanh"] = "layernorm"  # predictor norm1/norm2
+    pred_norm_affine: bool = True  # the predictor block DynTanh's weight/bias
+    pred_qk_norm: Optional[Literal["layernorm", "dyntanh"]] = None  # per-head q/k (null: none)
+    pred_qkv_bias: bool = True  # bias of the predictor attention's qkv projection
+    pred_proj_bias: bool = True  # bias of the predictor attention's output projection
+    pred_mlp_act: Literal["gelu", "gelu_tanh"] = "gelu"  # predictor MLP activation
+    pred_layernorm_eps: float = 1e-6  # eps of the predictor's LayerNorms (torch's default: 1e-5)
     target_norm: Literal[
         "layernorm", "batchnorm", "running_batchnorm", "running_batchnorm_singleton", "none"
     ] = "layernorm"  # pretrain/targets.py
@@ -104,6 +112,7 @@ class ModelSection:
             ("patch_size", self.patch_size, self.patch_size >= 1, ">= 1"),
             ("pred_depth", self.pred_depth, self.pred_depth >= 1, ">= 1"),
             ("pred_emb_dim", self.pred_emb_dim, self.pred_emb_dim >= 1, ">= 1"),
+            ("pred_layernorm_eps", self.pred_layernorm_eps, self.pred_layernorm_eps > 0, "> 0"),
             ("pred_num_heads", self.pred_num_heads, self.pred_num_heads >= 0 and
              self.pred_emb_dim % (self.pred_num_heads or 1) == 0,
              "0 (the encoder's) or a divisor of model.pred_emb_dim"),

@@ -133,7 +133,7 @@ def lock_run(folder: PathLike) -> RunFolder:
 
 def open_run(
     folder: PathLike,
-    config: dict,
+    cfg: Any,
     *,
     resume: bool,
     overwrite: bool = False,
@@ -141,7 +141,7 @@ def open_run(
     checkpoint: str = LAST,
     is_main: Optional[bool] = None,
 ) -> RunFolder:
-    """Own ``folder`` for one run of ``config`` (``to_dict`` of it): lock, check, clear.
+    """Own ``folder`` for one run of the config dataclass ``cfg``: lock, check, clear.
 
     ``allowed``: glob patterns of the dotted keys a ``--resume`` may change. Raises
     ``UserError`` (one line) for a folder in use, another run's outputs without ``--resume`` /
@@ -155,7 +155,8 @@ def open_run(
         return RunFolder(folder, resume, start, {})
     fd = lock_folder(folder)
     try:
-        changes = check_folder(folder, config, resume, overwrite, allowed)
+        changes = check_folder(folder, to_dict(cfg), resume, overwrite, allowed,
+                               to_dict(type(cfg)()))  # fmt: skip
     except BaseException:
         os.close(fd)
         raise
@@ -171,17 +172,18 @@ def run_owned(
 ) -> T:
     """``work()`` while owning ``cfg.logging.folder`` (``open_run`` with ``args.resume`` /
     ``args.overwrite`` of ``add_run_flags``): for an entrypoint's ``main``."""
-    with open_run(cfg.logging.folder, to_dict(cfg), resume=args.resume, overwrite=args.overwrite,
+    with open_run(cfg.logging.folder, cfg, resume=args.resume, overwrite=args.overwrite,
                   allowed=allowed):  # fmt: skip
         return work()
 
 
 def check_folder(
-    folder: Path, config: dict, resume: bool, overwrite: bool, allowed: Sequence[str]
-) -> dict:
+    folder: Path, config: dict, resume: bool, overwrite: bool, allowed: Sequence[str],
+    defaults: Optional[dict] = None,
+) -> dict:  # fmt: skip
     """The ownership checks of ``open_run`` (under the lock); returns the allowed changes."""
     if resume:
-        return resume_changes(folder, config, allowed)
+        return resume_changes(folder, config, allowed, defaults)
     found = [name for name in OUTPUTS if (folder / name).exists()]
     if found and not overwrite:
         raise UserError(
@@ -216,14 +218,24 @@ def describe(changes: dict) -> str:
     return ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
 
 
-def resume_changes(folder: Path, config: dict, allowed: Sequence[str]) -> dict:
+def resume_changes(
+    folder: Path, config: dict, allowed: Sequence[str], defaults: Optional[dict] = None
+) -> dict:
     """The allowed changes since ``folder/config.yaml``; a forbidden change is a ``UserError``
-    naming every such key (no saved config: nothing to compare, ``{}``)."""
+    naming every such key (no saved config: nothing to compare, ``{}``). A key the saved config
+    lacks (added to the toolkit after the run started) at its default in ``defaults`` (the config
+    class's) is no change: a new key's default keeps what the code computed before it existed."""
     path = folder / CONFIG_NAME
     if not path.is_file():
         return {}
     saved = read_yaml(path)
     changes = config_changes(saved, config)
+    added = {k for k, (old, new) in changes.items()
+             if old == MISSING and flatten(defaults or {}).get(k, MISSING) == new}  # fmt: skip
+    if added:
+        logger.info("--resume: %s: not in %s (newer keys), at their defaults",
+                    ", ".join(sorted(added)), path)  # fmt: skip
+    changes = {k: v for k, v in changes.items() if k not in added}
     forbidden = {k: v for k, v in changes.items() if not any(fnmatch(k, p) for p in allowed)}
     if forbidden:
         raise UserError(

@@ -137,6 +137,24 @@ def test_pretraining_resume_refuses_changed_settings_and_keeps_finished_results(
     assert epochs == [1, 2]
 
 
+def test_a_run_saved_before_a_key_existed_resumes_at_that_keys_default(digits, tmp_path, capsys):
+    """A key added to the toolkit after a run started is absent from its ``config.yaml``: at its
+    default the run resumes (defaults keep what the older code computed); set otherwise, it is
+    refused like any changed setting."""
+    folder = tmp_path / "pre"
+    assert pretrain.main(tiny_pretrain(digits, folder)) == 0
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    del saved["model"]["qk_norm"], saved["optimization"]["betas"]  # as an older version wrote it
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    set_key = tiny_pretrain(digits, folder, **{"model.qk_norm": "layernorm"})
+    assert pretrain.main([*set_key, "--resume"]) == 2
+    assert "model.qk_norm '(absent)' -> 'layernorm' differ from" in last_error(capsys)
+    longer = tiny_pretrain(digits, folder, **{"optimization.epochs": 2})
+    assert pretrain.main([*longer, "--resume"]) == 0
+    marks = [r for r in read_jsonl(folder / "log.jsonl", raw=True) if "resumed_at" in r]
+    assert marks[-1]["config_changes"] == {"optimization.epochs": [1, 2]}
+
+
 def test_linear_probe_resume_with_another_lr_grid_is_refused(digits, tmp_path, capsys):
     train, val = digits
     args = ["--fname", "linprobe/digits", f"data.train_folder={train}", f"data.val_folder={val}",

@@ -414,7 +414,7 @@ def run(cfg: DepthConfig, resume: bool = False, overwrite: bool = False) -> dict
     The run owns ``logging.folder`` (``run_folder.open_run``): another run's outputs need
     ``resume`` or ``overwrite``; a resume with changed settings is refused."""
     check_config(cfg)
-    own = open_run(cfg.logging.folder, to_dict(cfg), resume=resume, overwrite=overwrite,
+    own = open_run(cfg.logging.folder, cfg, resume=resume, overwrite=overwrite,
                    allowed=RESUME_ALLOWED)  # fmt: skip
     with own:
         return _run(cfg, own)

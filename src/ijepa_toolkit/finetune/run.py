@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ..config import config_parser, parse_config, require_paths, to_dict
+from ..config import config_parser, parse_config, require_paths
 from ..engine.distributed import cleanup
 from ..errors import ConfigError
 from ..run_folder import ALWAYS_ALLOWED, add_run_flags, lock_run, open_run
@@ -94,7 +94,7 @@ def run(
     if eval_ckpt is not None:
         own = lock_run(folder)
     else:
-        own = open_run(folder, to_dict(cfg), resume=resume, overwrite=overwrite,
+        own = open_run(folder, cfg, resume=resume, overwrite=overwrite,
                        allowed=RESUME_ALLOWED)  # fmt: skip
     with own:
         return train_and_evaluate(cfg, own, eval_ckpt)

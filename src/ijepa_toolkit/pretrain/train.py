@@ -200,7 +200,7 @@ def pretrain(
     outputs needs ``resume`` or ``overwrite``, and a resume with changed settings is refused."""
     check_values(cfg)
     check_folders(cfg)  # (before --overwrite deletes anything)
-    own = open_run(cfg.logging.folder, to_dict(cfg), resume=resume, overwrite=overwrite,
+    own = open_run(cfg.logging.folder, cfg, resume=resume, overwrite=overwrite,
                    allowed=RESUME_ALLOWED, is_main=dist_info.is_main)  # fmt: skip
     with own:
         return _pretrain(cfg, dist_info, own)

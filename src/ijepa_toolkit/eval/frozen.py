@@ -23,9 +23,11 @@ from ..engine.logger import RunLogger, setup_console_logging
 from ..errors import ConfigError
 from ..runs import run_main, write_results
 from .features import (
+    EvalDataSection,
     FeatureSet,
     build_eval_dataset,
     device_decode_dataset,
+    encode_folder,
     load_or_extract,
     model_identity,
 )
@@ -143,6 +145,18 @@ def check_same_classes(train: FeatureSet, test: FeatureSet) -> None:
             f"({len(train.classes)} vs {len(test.classes)}: {train.classes[:3]}... vs "
             f"{test.classes[:3]}...)"
         )
+
+
+def encode_folders(
+    encoder: torch.nn.Module, train_folder: str, val_folder: str, layers: str, data_options: dict
+) -> tuple[FeatureSet, FeatureSet]:
+    """Features of the two image folders (no cache) under the evaluation transform of
+    ``data_options`` (``EvalDataSection`` fields), their classes checked equal."""
+    data = EvalDataSection(**data_options)
+    train = encode_folder(encoder, train_folder, data, layers)
+    test = encode_folder(encoder, val_folder, data, layers)
+    check_same_classes(train, test)
+    return train, test
 
 
 def cache_settings(*splits: tuple[str, FeatureSet]) -> dict:

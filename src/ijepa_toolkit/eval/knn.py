@@ -29,10 +29,11 @@ import numpy as np
 
 from ..config import EncoderSection, LoggingSection, MetaSection
 from ..engine.utils import progress
-from .features import EvalDataSection, FeaturesSection, encode_folder
+from .features import EvalDataSection, FeaturesSection
 from .frozen import (
     cache_settings,
     check_same_classes,
+    encode_folders,
     finish_run,
     protocol_main,
     split_features,
@@ -215,10 +216,7 @@ def knn(
     ``std``, ``batch_size``, ``num_workers``): the evaluation transform; the encoder runs on
     the device it is on.
     """
-    data = EvalDataSection(**data_options)
-    train = encode_folder(encoder, train_folder, data, layers)
-    test = encode_folder(encoder, val_folder, data, layers)
-    check_same_classes(train, test)
+    train, test = encode_folders(encoder, train_folder, val_folder, layers, data_options)
     effective_ks(ks, len(train.labels))
     return knn_features(train.feats, train.labels, test.feats, test.labels, ks, temperature,
                         num_classes=len(train.classes))  # fmt: skip

@@ -28,10 +28,11 @@ from ..engine.utils import autocast, loader_kwargs, seed_everything
 from ..errors import TrainingDiverged
 from ..run_folder import LINPROBE_RESUME_ALLOWED, add_run_flags, run_owned
 from ..runs import check_finite
-from .features import LAYERS, EvalDataSection, FeatureSet, FeaturesSection, encode_folder
+from .features import LAYERS, EvalDataSection, FeatureSet, FeaturesSection
 from .frozen import (
     cache_settings,
     check_same_classes,
+    encode_folders,
     finish_run,
     held_out_split,
     protocol_main,
@@ -289,10 +290,7 @@ def linear(
 ) -> tuple[dict[str, float], dict]:
     """``linear_features`` of ``encoder``'s features of two image folders (no cache);
     ``data_options``: ``EvalDataSection`` fields (transform, batch size)."""
-    data = EvalDataSection(**data_options)
-    train = encode_folder(encoder, train_folder, data, layers)
-    test = encode_folder(encoder, val_folder, data, layers)
-    check_same_classes(train, test)
+    train, test = encode_folders(encoder, train_folder, val_folder, layers, data_options)
     device = next(encoder.parameters()).device
     return linear_features(train.feats, train.labels, test.feats, test.labels, opt, seed=seed,
                            device=device)  # fmt: skip

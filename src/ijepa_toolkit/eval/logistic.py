@@ -48,10 +48,11 @@ from ..config import EncoderSection, LoggingSection, MetaSection
 from ..data.subsets import SubsetSection
 from ..engine.utils import progress
 from ..errors import ConfigError
-from .features import EvalDataSection, FeaturesSection, encode_folder
+from .features import EvalDataSection, FeaturesSection
 from .frozen import (
     cache_settings,
     check_same_classes,
+    encode_folders,
     finish_run,
     held_out_split,
     protocol_main,
@@ -384,10 +385,7 @@ def logistic(
 ) -> tuple[dict[str, float], dict]:
     """``logistic_features`` of ``encoder``'s features of two image folders (no cache, the
     whole training folder); ``data_options``: ``EvalDataSection`` fields (transform, batch)."""
-    data = EvalDataSection(**data_options)
-    train = encode_folder(encoder, train_folder, data, layers)
-    test = encode_folder(encoder, val_folder, data, layers)
-    check_same_classes(train, test)
+    train, test = encode_folders(encoder, train_folder, val_folder, layers, data_options)
     return logistic_features(train.feats, train.labels, test.feats, test.labels, options,
                              seed=seed, num_classes=len(train.classes))  # fmt: skip
 

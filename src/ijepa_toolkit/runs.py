@@ -44,13 +44,16 @@ def error_line(message: Any) -> str:
     return "error: " + (" ".join(str(message).split()) or type(message).__name__)
 
 
-def run_main(work: Callable[[], Any], cleanup: Optional[Callable[[], None]] = None) -> int:
+def run_main(work: Callable[[], Any], cleanup: Optional[Callable[[bool], None]] = None) -> int:
     """Run ``work()`` under the error taxonomy above; returns the exit status (0 on success).
 
-    ``cleanup`` (e.g. destroying the process group) runs whatever happens.
+    ``cleanup(finished)`` (e.g. leaving the process group) runs whatever happens; ``finished``
+    says whether ``work()`` returned.
     """
+    finished = False
     try:
         work()
+        finished = True
         return EXIT_OK
     except (UserError, *PATH_ERRORS) as e:
         print(error_line(e), file=sys.stderr)
@@ -68,7 +71,7 @@ def run_main(work: Callable[[], Any], cleanup: Optional[Callable[[], None]] = No
         return EXIT_FAILED
     finally:
         if cleanup is not None:
-            cleanup()
+            cleanup(finished)
 
 
 def check_finite(

@@ -118,7 +118,14 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[:s] for o, s in zip(out, sizes)], dim=0)
 
 
-def cleanup() -> None:
-    """Leave the process group, if any (a no-op that imports nothing in a single process)."""
+def cleanup(finished: bool = False) -> None:
+    """Leave the process group, if any (a no-op that imports nothing in a single process).
+
+    ``finished`` (the run ended normally on this rank): first wait for every rank, so that no
+    rank tears its connections down while another still uses them (gloo then aborts a rank
+    with "terminate called without an active exception"). After an error no rank waits: the
+    others may never arrive, and torchrun stops them once this rank has exited."""
     if dist := group():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()

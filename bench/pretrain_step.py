@@ -185,6 +185,24 @@ def timed_in_turn(fns: dict[str, Callable[[], object]], rounds: int) -> dict:
     return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
 
 
+def step_gflops(step: Callable[[], object], modules: Sequence[torch.nn.Module] = ()) -> float:
+    """GFLOP of one call of ``step`` (``torch.utils.flop_counter``: matmuls and convolutions,
+    forward and backward). ``modules``: timm attention in them runs written out for the count
+    (the counter does not see the CPU's fused SDPA kernel; the products are the same)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attns = [m for mod in modules for m in mod.modules() if getattr(m, "fused_attn", False)]
+    for m in attns:
+        m.fused_attn = False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step()
+    finally:
+        for m in attns:
+            m.fused_attn = True
+    return counter.get_total_flops() / 1e9
+
+
 def compare(
     model: str = "vit_tiny",
     batch: int = 8,
@@ -215,6 +233,9 @@ def compare(
     for k, v in losses.items():
         print(f"  {k} losses, steps 1-3: " + " ".join(f"{x:.9f}" for x in v))
         assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(v, losses["toolkit"])), k
+    modules = (trainer.encoder, trainer.target_encoder, trainer.predictor)
+    flops = {k: step_gflops(fn, modules if k == "toolkit" else ()) for k, fn in fns.items()}
+    print("  GFLOP per step: " + ", ".join(f"{k} {v:.2f}" for k, v in flops.items()))
     times = timed_in_turn(fns, rounds)
     a = trainer.encoder.arch
     bench = (
@@ -246,7 +267,9 @@ def compare(
                 times[k][0],
                 note=(
                     f"CPU s/step {times['toolkit'][1]:.3f} vs {times[k][1]:.3f} "
-                    f"({times[k][1] / times['toolkit'][1]:.2f}x); losses of 3 steps {same}"
+                    f"({times[k][1] / times['toolkit'][1]:.2f}x); losses of 3 steps {same}; "
+                    f"GFLOP/step {flops['toolkit']:.2f} vs {flops[k]:.2f} "
+                    f"({flops[k] / flops['toolkit']:.3f}x)"
                 ),
             )
         )

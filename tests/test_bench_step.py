@@ -61,4 +61,8 @@ def test_step_benchmark_checks_equal_losses(capsys):
     measured = [r for r in rows if not r.skipped]
     assert [r.contender for r in measured] == ["official-style re-implementation"]
     assert measured[0].toolkit > 0 and measured[0].other > 0 and measured[0].ratio > 0
+    line = next(x for x in out.splitlines() if "GFLOP per step" in x)
+    flops = dict(kv.rsplit(" ", 1) for kv in line.split(": ")[1].split(", "))
+    # the toolkit's last predictor block computes only its target rows: fewer FLOPs, same losses
+    assert 0 < float(flops["toolkit"]) < float(flops["official-style re-implementation"])
     assert any("official-src" in r.skipped for r in rows)

@@ -15,6 +15,7 @@ from ijepa_toolkit.engine.utils import (
     adamw_implementation,
     amp_dtype,
     autocast,
+    clip_grad_norm,
     grad_scaler,
     loader_kwargs,
     maybe_compile,
@@ -133,6 +134,30 @@ def test_adamw_on_cpu_is_torch_default_loop_bit_for_bit():
         finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert not opt.defaults["foreach"] and not opt.defaults["fused"]
     assert torch.equal(finals[1], finals[0])
+
+
+def _grads(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (7, 300, 1)] + [
+        torch.nn.Parameter(torch.zeros(3))  # no gradient: left out of the norm
+    ]
+    for p in params[:3]:
+        p.grad = torch.randn(p.shape, generator=g)
+    return params
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.0, float("inf"), 5.0, 100.0])
+def test_clip_grad_norm_is_torchs_and_measuring_leaves_the_gradients(max_norm):
+    ours, theirs = _grads(), _grads()
+    before = [p.grad.clone() for p in ours[:3]]
+    norm = clip_grad_norm(ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm or float("inf"))
+    assert torch.equal(norm, expected) and 5.0 < float(norm) < 100.0
+    for p, q in zip(ours[:3], theirs[:3]):
+        assert torch.equal(p.grad, q.grad)
+    if max_norm in (None, 0.0, float("inf")):
+        assert all(torch.equal(p.grad, b) for p, b in zip(ours, before))
+    assert ours[3].grad is None
 
 
 def test_compile_off_leaves_the_module_alone():

@@ -168,6 +168,23 @@ def adamw(params: Iterable, **options: Any) -> torch.optim.AdamW:
     )
 
 
+def clip_grad_norm(params: Sequence[torch.nn.Parameter], max_norm: Optional[float]) -> torch.Tensor:
+    """The total 2-norm of the gradients of ``params`` (those with one), clipped to ``max_norm``
+    as ``torch.nn.utils.clip_grad_norm_``. ``max_norm`` None, 0 or inf only measures: no pass
+    that multiplies every gradient by 1 (5 of 11 ms of a ViT-Ti pretraining step on the CPU)."""
+    import math
+
+    import torch
+
+    if max_norm and not math.isinf(max_norm):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    norms = torch._foreach_norm(grads)  # what clip_grad_norm_ computes (one device)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 def maybe_compile(fn: Callable, enabled: bool) -> Callable:
     """``fn`` through ``torch.compile`` when ``enabled`` (the first calls pay the compilation):
     a module is compiled in place (``nn.Module.compile``: its calls, state dict names

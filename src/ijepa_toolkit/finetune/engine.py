@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -18,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..engine.distributed import all_reduce_sum
 from ..engine.logger import RunLogger
 from ..engine.resume import unwrap
-from ..engine.utils import autocast, progress
+from ..engine.utils import autocast, clip_grad_norm, progress
 from ..runs import check_finite
 
 logger = logging.getLogger("ijepa_toolkit")
@@ -187,8 +186,7 @@ def _optimizer_step(
     the step because a gradient overflowed, else 0)."""
     scaler = opts.scaler
     scaler.unscale_(optimizer)
-    max_norm = opts.clip_grad if opts.clip_grad is not None else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = clip_grad_norm(params, opts.clip_grad)
     scale = scaler.get_scale() if scaler.is_enabled() else None
     scaler.step(optimizer)
     scaler.update()

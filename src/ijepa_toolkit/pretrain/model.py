@@ -268,8 +268,15 @@ def prediction_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "smoot
 def ema_update_(target: nn.Module, source: nn.Module, momentum: float) -> None:
     """``t = momentum * t + (1 - momentum) * s`` for every parameter pair, bitwise the official
     ``t.mul_(m).add_((1 - m) * s)``: the product ``(1 - m) * s`` is rounded before the add (an
-    ``add_(s, alpha=1 - m)`` fuses the two and can differ in the last bit)."""
+    ``add_(s, alpha=1 - m)`` fuses the two and can differ in the last bit). On CUDA one
+    ``foreach`` call per operation (few kernel launches); on the CPU a tensor at a time, as the
+    official loop: the foreach products of every parameter at once are a fresh buffer that page
+    faults each step (24 vs 11 ms for a ViT-Ti)."""
     t_params = list(target.parameters())
     s_params = [p.detach() for p in source.parameters()]
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, torch._foreach_mul(s_params, 1.0 - momentum))
+    if t_params and t_params[0].is_cuda:
+        torch._foreach_mul_(t_params, momentum)
+        torch._foreach_add_(t_params, torch._foreach_mul(s_params, 1.0 - momentum))
+        return
+    for t, s in zip(t_params, s_params):
+        t.mul_(momentum).add_(s * (1.0 - momentum))

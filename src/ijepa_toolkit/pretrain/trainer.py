@@ -23,6 +23,7 @@ from ..engine.utils import (
     adamw,
     amp_dtype,
     autocast,
+    clip_grad_norm,
     grad_scaler,
     loader_kwargs,
     progress,
@@ -260,9 +261,8 @@ class Pretrainer:
         where = f"step {self.step + 1} (epoch {self.epoch + 1})"
         check_finite(loss_value, where, self.last_good)
         params = [p for p in self.context.parameters() if p.requires_grad]
-        max_norm = self.cfg.optimization.clip_grad or float("inf")
         self.scaler.unscale_(self.optimizer)  # (fp16 only; bf16 and fp32 need no scaling)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(clip_grad_norm(params, self.cfg.optimization.clip_grad))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -3,9 +3,10 @@ official code's own step, and against an official-style re-implementation (bench
 
 The official step is facebookresearch/ijepa's: its ``VisionTransformer`` / predictor modules and
 its ``train_step`` body (``RefStep``: target forward + layer norm + ``apply_masks``, context
-forward, smooth-L1, AdamW with its parameter groups, the per-parameter EMA loop), imported from a
-checkout outside the project (``--official-src DIR``, the folder holding ``src/``, or the
-``IJEPA_OFFICIAL_SRC`` variable; skipped with a line saying so when neither is given). All
+forward, smooth-L1, AdamW with its parameter groups, its ``grad_logger`` of the encoder's
+gradients, the per-parameter EMA loop), imported from a checkout outside the project
+(``--official-src DIR``, the folder holding ``src/``, or the ``IJEPA_OFFICIAL_SRC`` variable;
+skipped with a line saying so when neither is given). All
 steps start from the toolkit's weights and use the same masks (one draw of the toolkit's sampler,
 the official layout) and images; the first 3 steps' losses are printed for each, then the
 steps are timed in turn (median wall and CPU seconds).
@@ -42,20 +43,24 @@ from reference import (  # noqa: E402
     RefEncoder,
     RefPredictor,
     ref_apply_masks,
+    ref_grad_norms,
     ref_repeat_interleave_batch,
 )
 
 
 # -- official-style training step (models in bench/reference.py) ------------------------------
 class RefStep:
-    """The official ``train_step`` (fp32 on the CPU): schedules, forward, AdamW, EMA loop."""
+    """The official ``train_step`` (fp32 on the CPU): schedules, forward, AdamW, the encoder's
+    gradient norms (its ``grad_logger``, every step), EMA loop."""
 
     def __init__(self, trainer: Pretrainer, modules: Optional[tuple] = None,
-                 helpers: tuple = (ref_apply_masks, ref_repeat_interleave_batch)):  # fmt: skip
+                 helpers: tuple = (ref_apply_masks, ref_repeat_interleave_batch,
+                                   ref_grad_norms)):  # fmt: skip
         """``modules``: the (encoder, target, predictor) to step (e.g. the official code's own);
-        default: official-style copies of the trainer's. ``helpers``: the ``apply_masks`` and
-        ``repeat_interleave_batch`` to use. bf16 autocast as the trainer's config."""
-        self.apply_masks, self.repeat_interleave_batch = helpers
+        default: official-style copies of the trainer's. ``helpers``: the ``apply_masks``,
+        ``repeat_interleave_batch`` and ``grad_logger`` to use. bf16 autocast as the trainer's
+        config."""
+        self.apply_masks, self.repeat_interleave_batch, self.grad_logger = helpers
         self.encoder, self.target, self.predictor = modules or (
             RefEncoder.copy_of(trainer.encoder), RefEncoder.copy_of(trainer.target_encoder),
             RefPredictor.copy_of(trainer.predictor),
@@ -90,6 +95,7 @@ class RefStep:
             loss = F.smooth_l1_loss(z, h)
         loss.backward()
         self.optimizer.step()
+        self.grad_logger(self.encoder.named_parameters())  # train.py: after the step, every step
         self.optimizer.zero_grad()
         with torch.no_grad():
             for param_q, param_k in zip(self.encoder.parameters(), self.target.parameters()):
@@ -138,12 +144,14 @@ def official_src(given: Optional[Path]) -> Optional[Path]:
 
 
 def official_step(src: Path, trainer: Pretrainer) -> RefStep:
-    """The official step: its modules (``official_modules``) and its mask helpers."""
+    """The official step: its modules (``official_modules``), its mask helpers and its
+    ``grad_logger``."""
     modules = official_modules(src, trainer, trainer.device)
     from src.masks.utils import apply_masks  # the official checkout, bench-only
+    from src.utils.logging import grad_logger
     from src.utils.tensors import repeat_interleave_batch
 
-    return RefStep(trainer, modules, (apply_masks, repeat_interleave_batch))
+    return RefStep(trainer, modules, (apply_masks, repeat_interleave_batch, grad_logger))
 
 
 def official_modules(src: Path, trainer: Pretrainer, device: torch.device) -> tuple:

@@ -93,6 +93,16 @@ def ref_repeat_interleave_batch(x: torch.Tensor, b: int, repeat: int) -> torch.T
     )
 
 
+def ref_grad_norms(named_params) -> list[float]:
+    """The official ``grad_logger``'s work each step: the 2-norm of every weight gradient (not
+    biases, not 1-D tensors), each read back as a Python float."""
+    return [
+        float(torch.norm(p.grad))
+        for n, p in named_params
+        if p.grad is not None and not (n.endswith(".bias") or p.ndim == 1)
+    ]
+
+
 def with_weights_of(ref: nn.Module, toolkit_module: nn.Module) -> nn.Module:
     """``ref`` with the toolkit module's weights loaded (strict: the parameter names match)."""
     ref.load_state_dict(toolkit_module.state_dict())

@@ -57,7 +57,7 @@ def _train_heads_worker(rank: int, world: int, init: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from ijepa_toolkit.engine.distributed import DistInfo
+    from ijepa_toolkit.engine.distributed import DistInfo, cleanup
     from ijepa_toolkit.eval.linear_heads import (
         build_scheduler,
         make_heads,
@@ -84,8 +84,7 @@ def _train_heads_worker(rank: int, world: int, init: str, out: str) -> None:
     train_heads(heads, opt, batches, 2, 2, sched, DistInfo(rank, world))
     if rank == 0:
         torch.save(heads.state_dict(), out)
-    if world > 1:
-        dist.destroy_process_group()
+    cleanup(finished=True)  # (a no-op in one process)
 
 
 def test_ddp_heads_equal_one_process_on_the_whole_batch(tmp_path):

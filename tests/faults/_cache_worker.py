@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ijepa_toolkit.engine.distributed import init_distributed
+from ijepa_toolkit.engine.distributed import cleanup, init_distributed
 from ijepa_toolkit.eval.features import EvalDataSection, build_eval_dataset, load_or_extract
 from ijepa_toolkit.models.vit import EncoderArch, create_encoder
 
@@ -59,6 +59,7 @@ def run(folder: str, cache: Path, out: Path, args: argparse.Namespace) -> None:
     r = dist_info.rank
     np.savez(out / f"rank{r}.npz", feats=np.asarray(fs.feats), labels=fs.labels)
     (out / f"rank{r}.json").write_text(json.dumps({"forwarded": forwarded[0], "reused": fs.reused}))
+    cleanup(finished=True)  # leave the process group together (a no-op in one process)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from ijepa_toolkit.engine.utils import autocast
 from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for reference.py
-from contenders import Row, machine  # noqa: E402
+from contenders import Row, machine, turn_order  # noqa: E402
 from reference import (  # noqa: E402
     RefEncoder,
     RefPredictor,
@@ -181,13 +181,14 @@ def official_modules(src: Path, trainer: Pretrainer, device: torch.device) -> tu
 
 
 def timed_in_turn(fns: dict[str, Callable[[], object]], rounds: int) -> dict:
-    """{name: (median wall s, median CPU s)} of each step, the steps timed in turn."""
+    """{name: (median wall s, median CPU s)} of each step, the steps timed in turn (each round
+    rotated: ``contenders.turn_order``)."""
     wall: dict = {k: [] for k in fns}
     cpu: dict = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for r in range(rounds):
+        for name in turn_order(list(fns), r):
             w, c = time.perf_counter(), time.process_time()
-            fn()
+            fns[name]()
             cpu[name].append(time.process_time() - c)
             wall[name].append(time.perf_counter() - w)
     return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}

@@ -67,6 +67,14 @@ def test_a_failing_section_is_reported_and_fails_the_run(driver, monkeypatch, ca
     assert "failed: RuntimeError: knn broke" in capsys.readouterr().out
 
 
+def test_timing_in_turn_rotates_who_runs_first():
+    contenders = load("contenders")
+    calls = []
+    fns = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    times = contenders.alternating(fns, rounds=3, warmup=0)
+    assert calls == list("abcbcacab") and set(times) == set("abc")  # abc, bca, cab
+
+
 def test_official_source_must_hold_the_official_modules(tmp_path):
     step = load("pretrain_step")
     with pytest.raises(SystemExit, match="no src/models/"):

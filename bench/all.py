@@ -43,9 +43,9 @@ TINY_PRETRAIN = [  # a 2-block width-64 encoder at 32 px (bench/device.py's tiny
 ]  # fmt: skip
 SIZES = {
     "full": {
-        "extract": dict(size="base", images=24, batch=8, rounds=2),
+        "extract": dict(size="base", images=24, batch=8, rounds=6),
         "knn": dict(n_train=50_000, n_test=10_000, dim=1024, classes=1000),
-        "pretrain": [dict(model="vit_tiny", rounds=8), dict(model="vit_small", rounds=4)],
+        "pretrain": [dict(model="vit_tiny", rounds=16), dict(model="vit_small", rounds=10)],
         "logistic": dict(n=5000, dim=512, classes=200),
     },
     "tiny": {

@@ -1,4 +1,4 @@
-"""What every comparison bench shares: the machine line, result rows, alternating timing.
+"""What every comparison bench shares: the machine line, result rows, timing in turn, FLOPs.
 
 Not a package module: the bench scripts put ``bench/`` on ``sys.path`` and import it as
 ``from contenders import ...``.
@@ -11,7 +11,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 
 def cpu_model() -> str:
@@ -104,6 +104,25 @@ def alternating(fns: dict[str, Callable[[], object]], rounds: int, warmup: int =
             fns[name]()
             spent[name].append(time.perf_counter() - start)
     return {name: statistics.median(times) for name, times in spent.items()}
+
+
+def counted_flops(fn: Callable[[], object], *modules: Any) -> int:
+    """FLOPs of ``fn()`` (forward and any backward it runs, ``torch.utils.flop_counter``), timm
+    attention in ``modules`` written out for the count (the counter does not see the CPU's fused
+    SDPA kernel; the products are the same)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    attns = [a for m in modules for a in m.modules() if hasattr(a, "fused_attn")]
+    saved = [a.fused_attn for a in attns]
+    for a in attns:
+        a.fused_attn = False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        for a, s in zip(attns, saved):
+            a.fused_attn = s
+    return counter.get_total_flops()
 
 
 def missing(module: str) -> Optional[str]:

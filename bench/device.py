@@ -38,7 +38,6 @@ from typing import Callable, Optional
 import timm
 import torch
 from torch.utils.data import DataLoader, TensorDataset
-from torch.utils.flop_counter import FlopCounterMode
 
 from ijepa_toolkit.engine.logger import RunLogger
 from ijepa_toolkit.engine.utils import autocast
@@ -49,6 +48,7 @@ from ijepa_toolkit.models.heads import pooled_features
 from ijepa_toolkit.models.vit import EncoderArch, create_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for pretrain_step.py
+from contenders import counted_flops  # noqa: E402
 from pretrain_step import RefStep, make_trainer, official_modules  # noqa: E402
 
 # Dense (no sparsity) peak TFLOP/s, (bf16 tensor core, fp32 non-tensor), from NVIDIA's data
@@ -112,21 +112,6 @@ def vit_forward_flops(arch: EncoderArch, tokens: int) -> int:
     n, d, m = tokens, arch.embed_dim, int(arch.embed_dim * arch.mlp_ratio)
     embed = 2 * n * arch.in_chans * arch.patch_size**2 * d
     return embed + arch.depth * (2 * n * (4 * d * d + 2 * d * m) + 4 * n * n * d)
-
-
-def counted_flops(fn: Callable[[], object], *modules: torch.nn.Module) -> int:
-    """FLOPs of ``fn()`` (forward and any backward it runs), attention counted as matmuls."""
-    attns = [a for m in modules for a in m.modules() if hasattr(a, "fused_attn")]
-    saved = [a.fused_attn for a in attns]
-    for a in attns:
-        a.fused_attn = False
-    try:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-    finally:
-        for a, s in zip(attns, saved):
-            a.fused_attn = s
-    return counter.get_total_flops()
 
 
 def sync(device: torch.device) -> None:

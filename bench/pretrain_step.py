@@ -38,7 +38,7 @@ from ijepa_toolkit.engine.utils import autocast
 from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for reference.py
-from contenders import Row, machine, turn_order  # noqa: E402
+from contenders import Row, counted_flops, machine, turn_order  # noqa: E402
 from reference import (  # noqa: E402
     RefEncoder,
     RefPredictor,
@@ -194,24 +194,6 @@ def timed_in_turn(fns: dict[str, Callable[[], object]], rounds: int) -> dict:
     return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
 
 
-def step_gflops(step: Callable[[], object], modules: Sequence[torch.nn.Module] = ()) -> float:
-    """GFLOP of one call of ``step`` (``torch.utils.flop_counter``: matmuls and convolutions,
-    forward and backward). ``modules``: timm attention in them runs written out for the count
-    (the counter does not see the CPU's fused SDPA kernel; the products are the same)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    attns = [m for mod in modules for m in mod.modules() if getattr(m, "fused_attn", False)]
-    for m in attns:
-        m.fused_attn = False
-    try:
-        with FlopCounterMode(display=False) as counter:
-            step()
-    finally:
-        for m in attns:
-            m.fused_attn = True
-    return counter.get_total_flops() / 1e9
-
-
 def compare(
     model: str = "vit_tiny",
     batch: int = 8,
@@ -243,7 +225,9 @@ def compare(
         print(f"  {k} losses, steps 1-3: " + " ".join(f"{x:.9f}" for x in v))
         assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(v, losses["toolkit"])), k
     modules = (trainer.encoder, trainer.target_encoder, trainer.predictor)
-    flops = {k: step_gflops(fn, modules if k == "toolkit" else ()) for k, fn in fns.items()}
+    flops = {
+        k: counted_flops(fn, *(modules if k == "toolkit" else ())) / 1e9 for k, fn in fns.items()
+    }
     print("  GFLOP per step: " + ", ".join(f"{k} {v:.2f}" for k, v in flops.items()))
     times = timed_in_turn(fns, rounds)
     a = trainer.encoder.arch

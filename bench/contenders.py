@@ -89,21 +89,25 @@ def turn_order(names: list[str], r: int) -> list[str]:
     return names[k:] + names[:k]
 
 
-def alternating(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict:
-    """Median wall seconds of each callable, timed in turn ``rounds`` times after ``warmup``
-    untimed calls each, so all of them see the same background load. Each round starts one
-    callable later (round r: the r-th first), so no callable always runs first or after the
-    same neighbour."""
+def alternating(
+    fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
+) -> dict[str, tuple[float, float]]:
+    """(median wall seconds, median CPU seconds) of each callable, timed in turn ``rounds`` times
+    after ``warmup`` untimed calls each, so all of them see the same background load. Each round
+    starts one callable later (round r: the r-th first), so no callable always runs first or
+    after the same neighbour."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    spent: dict = {name: [] for name in fns}
+    wall: dict = {name: [] for name in fns}
+    cpu: dict = {name: [] for name in fns}
     for r in range(rounds):
         for name in turn_order(list(fns), r):
-            start = time.perf_counter()
+            w, c = time.perf_counter(), time.process_time()
             fns[name]()
-            spent[name].append(time.perf_counter() - start)
-    return {name: statistics.median(times) for name, times in spent.items()}
+            cpu[name].append(time.process_time() - c)
+            wall[name].append(time.perf_counter() - w)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
 
 
 def counted_flops(fn: Callable[[], object], *modules: Any) -> int:

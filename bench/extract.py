@@ -177,7 +177,7 @@ def compare(size: str = "base", images: int = 24, batch: int = 8, rounds: int = 
             checks["HF IJepaModel, same tensors"] = True
         outs = {k: fn() for k, fn in fns.items()}  # (also each one's warm-up run)
         diffs = {k: float(np.abs(outs[k] - outs["toolkit"]).max()) for k in checks}
-        times = alternating(fns, rounds, warmup=0)
+        times = {k: wall for k, (wall, _) in alternating(fns, rounds, warmup=0).items()}
     for name, t in times.items():
         if name != "toolkit":
             note = f"max |feature diff| {diffs[name]:.1e}" if name in diffs else "other resize"

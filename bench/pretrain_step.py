@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +36,7 @@ from ijepa_toolkit.engine.utils import autocast
 from ijepa_toolkit.pretrain.train import PretrainConfig, Pretrainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, for reference.py
-from contenders import Row, counted_flops, machine, turn_order  # noqa: E402
+from contenders import Row, alternating, counted_flops, machine  # noqa: E402
 from reference import (  # noqa: E402
     RefEncoder,
     RefPredictor,
@@ -180,20 +178,6 @@ def official_modules(src: Path, trainer: Pretrainer, device: torch.device) -> tu
     return encoder.to(device), target.to(device), predictor.to(device)
 
 
-def timed_in_turn(fns: dict[str, Callable[[], object]], rounds: int) -> dict:
-    """{name: (median wall s, median CPU s)} of each step, the steps timed in turn (each round
-    rotated: ``contenders.turn_order``)."""
-    wall: dict = {k: [] for k in fns}
-    cpu: dict = {k: [] for k in fns}
-    for r in range(rounds):
-        for name in turn_order(list(fns), r):
-            w, c = time.perf_counter(), time.process_time()
-            fns[name]()
-            cpu[name].append(time.process_time() - c)
-            wall[name].append(time.perf_counter() - w)
-    return {k: (statistics.median(wall[k]), statistics.median(cpu[k])) for k in fns}
-
-
 def compare(
     model: str = "vit_tiny",
     batch: int = 8,
@@ -229,7 +213,7 @@ def compare(
         k: counted_flops(fn, *(modules if k == "toolkit" else ())) / 1e9 for k, fn in fns.items()
     }
     print("  GFLOP per step: " + ", ".join(f"{k} {v:.2f}" for k, v in flops.items()))
-    times = timed_in_turn(fns, rounds)
+    times = alternating(fns, rounds, warmup=0)  # (the 3 checked steps warmed them up)
     a = trainer.encoder.arch
     bench = (
         f"pretrain step {model}/{a.patch_size} at {size} (width {a.embed_dim}), batch {batch}, "
